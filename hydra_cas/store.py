@@ -1,0 +1,701 @@
+"""``Store``: the public API of a hydra_cas store on a local disk."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from packaging.version import Version
+
+from hydra_cas import fsio
+from hydra_cas.dtypes import numpy_dtype_for
+from hydra_cas.errors import (
+    HydraError,
+    IntegrityError,
+    InvalidNameError,
+    InvalidVersionError,
+    NotFoundError,
+    StorageError,
+    VersionExistsError,
+)
+from hydra_cas.layout import Layout
+from hydra_cas.manifest import ManifestStore, metadata_json, utc_now
+from hydra_cas.objects import VERIFY_MODES, ObjectStore, Written, digest_stream
+from hydra_cas.payload import build_header, iter_data, prepare, tensor_summary
+from hydra_cas.records import LoadResult, SaveResult, VersionInfo
+from hydra_cas.refs import canonical_version, check_alias, check_name, latest_of, resolve_version
+from hydra_cas.stheader import parse_header
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping
+
+    from hydra_cas.fsck import FsckReport
+    from hydra_cas.gc import GcPlan
+    from hydra_cas.stheader import Header
+
+__all__ = ["Store", "DEFAULT_STORE"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE = "./hydra_models"
+_COMMIT_ATTEMPTS = 3
+
+
+class _ObjectVanished(Exception):
+    """Internal: a concurrent gc removed the object between publish and commit."""
+
+
+def _find_version(versions: Mapping[str, Any], key: str) -> str | None:
+    """The existing version key equal to ``key`` under PEP 440 (``1.0`` == ``1.0.0``)."""
+    if key in versions:
+        return key
+    wanted = Version(key)
+    for existing in versions:
+        if Version(existing) == wanted:
+            return existing
+    return None
+
+
+class Store:
+    """A versioned, content-addressed store of model weights in one directory.
+
+    ``Store(path)`` opens the store at ``path``, creating it if needed (pass
+    ``create=False`` to refuse).  ``durable=False`` skips fsync: several times
+    faster saves, at the price of losing the latest commits if the machine (not
+    just the process) crashes.  See docs/FORMAT.md for the layout.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = DEFAULT_STORE,
+        *,
+        create: bool = True,
+        durable: bool = True,
+        lock_timeout: float = 60.0,
+    ) -> None:
+        text = os.fspath(root)
+        if "://" in text:
+            raise HydraError(
+                f"store {text!r}: remote stores are not supported by this version; "
+                "give a local directory"
+            )
+        self.root = Path(text).absolute()
+        self.durable = durable
+        self.layout = Layout(self.root)
+        if not self.root.is_dir():
+            if self.root.exists():
+                raise StorageError(f"store path {self.root} exists and is not a directory", path=str(self.root))
+            if not create:
+                raise NotFoundError(
+                    f"no store at {self.root}; save a model first or pass --store/HYDRA_STORE"
+                )
+            fsio.makedirs(self.root)
+        for sub in (self.layout.objects, self.layout.tmp, self.layout.intents):
+            if not sub.is_dir():
+                if not create:
+                    break
+                fsio.makedirs(sub)
+        self.objects = ObjectStore(self.layout, durable=durable)
+        self.manifest = ManifestStore(self.layout, durable=durable, lock_timeout=lock_timeout)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        name: str,
+        version: str,
+        tensors: Mapping[str, Any],
+        metadata: Mapping[str, Any] | None = None,
+        parent: str | None = None,
+    ) -> SaveResult:
+        """Save ``tensors`` as ``name:version``; return what was done.
+
+        Raises VersionExistsError if ``name:version`` already holds other bytes
+        (saving the same bytes again is a no-op), and InvalidNameError,
+        InvalidVersionError, InvalidTensorError or InvalidMetadataError for bad
+        input, before anything is written.
+        """
+        name = check_name(name)
+        key = canonical_version(version)
+        meta = metadata_json(metadata)
+        sources = prepare(tensors)
+        header = build_header(sources)
+        summary = tensor_summary(sources)
+
+        def chunks() -> Iterator[memoryview | bytes]:
+            return itertools.chain((header,), iter_data(sources))
+
+        return self._save_stream(name, key, chunks, summary, meta, parent)
+
+    def import_file(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        version: str,
+        metadata: Mapping[str, Any] | None = None,
+        parent: str | None = None,
+        *,
+        progress: bool = False,
+    ) -> SaveResult:
+        """Store a ``.safetensors`` file byte for byte (its oid is the file's SHA-256).
+
+        The header is validated before anything is written and the file is
+        streamed, never loaded whole.  ``.npz`` archives are loaded (without
+        pickle) and saved as tensors.
+        """
+        from hydra_cas.stheader import validate_file
+
+        name = check_name(name)
+        key = canonical_version(version)
+        meta = metadata_json(metadata)
+        source = Path(path)
+        if source.suffix == ".npz":
+            return self.save(name, key, _read_npz(source), meta, parent)
+        info = validate_file(source)
+        summary = {
+            "tensors": len(info.tensors),
+            "parameters": info.parameter_count,
+            "dtypes": info.dtypes,
+        }
+        expected = info.data_start + info.data_len
+
+        def chunks() -> Iterator[bytes]:
+            return _read_chunks(source, expected, progress=progress, desc=f"import {source.name}")
+
+        return self._save_stream(name, key, chunks, summary, meta, parent)
+
+    def _save_stream(
+        self,
+        name: str,
+        key: str,
+        chunks: Callable[[], Iterable[memoryview | bytes]],
+        summary: dict[str, Any],
+        meta: dict[str, Any],
+        parent: str | None,
+    ) -> SaveResult:
+        doc = self.manifest.read()
+        model = doc["models"].get(name)
+        parent_key = self._resolve_parent(name, model, parent)
+        existing = _find_version(model["versions"], key) if model else None
+        if existing is not None:
+            # Decide immutability by hashing alone: a refused save writes nothing.
+            oid, _, size = digest_stream(chunks())
+            return self._same_or_conflict(name, existing, model["versions"][existing], oid, size)
+
+        for attempt in range(_COMMIT_ATTEMPTS):
+            written = self.objects.write_temp(chunks())
+            intent = self._add_intent(written.oid, written.tmp)
+            try:
+                created = self.objects.publish(written)
+                result = self._commit_put(name, key, written, summary, meta, parent_key, created)
+            except _ObjectVanished:
+                logger.warning("object %s vanished before %s:%s was committed; writing it again", written.oid, name, key)
+                continue
+            finally:
+                fsio.discard(intent)
+            logger.info(
+                "saved %s:%s as %s (%d bytes%s)",
+                name, key, written.oid, written.size, ", deduplicated" if result.deduplicated else "",
+            )
+            return result
+        raise StorageError(
+            f"could not commit {name}:{key}: its object was removed {_COMMIT_ATTEMPTS} times "
+            "in a row by a concurrent gc; retry"
+        )
+
+    def _resolve_parent(self, name: str, model: dict[str, Any] | None, parent: str | None) -> str | None:
+        if parent is None:
+            return None
+        if not isinstance(parent, str):
+            raise InvalidVersionError(f"parent must be a version string, got {type(parent).__name__}")
+        if model is None:
+            raise NotFoundError(f"parent {name}:{parent} not found: model {name!r} has no versions yet")
+        return resolve_version(name, parent, model["versions"], model["aliases"])
+
+    def _same_or_conflict(self, name: str, key: str, entry: dict[str, Any], oid: str, size: int) -> SaveResult:
+        if entry["oid"] != oid:
+            raise VersionExistsError(
+                f"{name}:{key} already exists with different weights (object {entry['oid'][:12]}); "
+                "versions are immutable: save under a new version, or delete this one first"
+            )
+        logger.info("%s:%s already holds these bytes; nothing to do", name, key)
+        return SaveResult(name, key, oid, size, deduplicated=True, unchanged=True)
+
+    def _add_intent(self, oid: str, tmp: str | None) -> str:
+        fsio.makedirs(self.layout.intents)
+        fd, path = fsio.create_temp(self.layout.intents, "")
+        os.close(fd)
+        final = os.path.join(self.layout.intents, f"{oid}.{os.path.basename(path)}")
+        try:
+            fsio.replace(path, final)
+        except BaseException:
+            fsio.discard(path)
+            if tmp is not None:
+                fsio.discard(tmp)
+            raise
+        return final
+
+    def _commit_put(
+        self,
+        name: str,
+        key: str,
+        written: Written,
+        summary: dict[str, Any],
+        meta: dict[str, Any],
+        parent_key: str | None,
+        created: bool,
+    ) -> SaveResult:
+        entry = {
+            "oid": written.oid,
+            "blake3": written.blake3,
+            "size": written.size,
+            **summary,
+            "created": utc_now(),
+            "metadata": meta,
+            "tier": "hot",
+            "parent": parent_key,
+            "status": "ok",
+        }
+        outcome: dict[str, SaveResult] = {}
+
+        def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
+            model = doc["models"].get(name)
+            versions = model["versions"] if model else {}
+            same = _find_version(versions, key)
+            if same is not None:
+                outcome["result"] = self._same_or_conflict(name, same, versions[same], written.oid, written.size)
+                return []
+            # gc deletes only under this lock, so an object seen here stays.
+            if self.objects.size_of(written.oid) != written.size:
+                raise _ObjectVanished
+            outcome["result"] = SaveResult(name, key, written.oid, written.size, deduplicated=not created)
+            return [{"op": "put", "name": name, "version": key, "entry": entry}]
+
+        self.manifest.commit(plan)
+        return outcome["result"]
+
+    # ------------------------------------------------------------------ resolving
+
+    def _lookup(self, name: str, version: str, doc: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        name = check_name(name)
+        doc = doc if doc is not None else self.manifest.read()
+        model = doc["models"].get(name)
+        if model is None:
+            raise NotFoundError(f"no model named {name!r} in {self.root}{_suggest(name, doc['models'])}")
+        key = resolve_version(name, version, model["versions"], model["aliases"])
+        return key, model["versions"][key]
+
+    def resolve(self, name: str, version: str = "latest") -> str:
+        """The concrete version ``version`` (``latest``, a specifier or alias) means now."""
+        return self._lookup(name, version)[0]
+
+    def info(self, name: str, version: str = "latest") -> VersionInfo:
+        doc = self.manifest.read()
+        key, entry = self._lookup(name, version, doc)
+        model = doc["models"][name]
+        aliases = tuple(sorted(a for a, v in model["aliases"].items() if v == key))
+        return VersionInfo.from_entry(name, key, entry, aliases, latest_of(model["versions"]) == key)
+
+    def list(self, name: str | None = None) -> list[VersionInfo]:
+        """Every version (of one model, if ``name`` is given), by name then version."""
+        doc = self.manifest.read()
+        models = doc["models"]
+        if name is not None:
+            check_name(name)
+            if name not in models:
+                raise NotFoundError(f"no model named {name!r} in {self.root}{_suggest(name, models)}")
+            names = [name]
+        else:
+            names = sorted(models)
+        result = []
+        for model_name in names:
+            model = models[model_name]
+            by_version: dict[str, list[str]] = {}
+            for alias, target in model["aliases"].items():
+                by_version.setdefault(target, []).append(alias)
+            ordered = sorted(model["versions"], key=Version)
+            latest = latest_of(ordered)
+            for key in ordered:
+                result.append(
+                    VersionInfo.from_entry(
+                        model_name, key, model["versions"][key], tuple(sorted(by_version.get(key, ()))), key == latest
+                    )
+                )
+        return result
+
+    def models(self) -> list[str]:
+        return sorted(self.manifest.read()["models"])
+
+    def path(self, name: str, version: str = "latest") -> Path:
+        """The object file of a hot version: a plain safetensors file, read-only."""
+        key, entry = self._lookup(name, version)
+        if entry["tier"] != "hot":
+            raise HydraError(
+                f"{name}:{key} is archived and has no single file; `hydra-cas restore {name}:{key}` "
+                "first, or use load()/export()"
+            )
+        return self.objects.path(entry["oid"])
+
+    def tensors(self, name: str, version: str = "latest") -> list[dict[str, Any]]:
+        """Name, dtype and shape of each tensor of a version, read from its header only."""
+        from hydra_cas.stheader import validate_file
+
+        key, entry = self._lookup(name, version)
+        if entry["tier"] != "hot":
+            raise HydraError(f"{name}:{key} is in tier {entry['tier']!r}, which this version cannot read")
+        try:
+            header = validate_file(self.objects.path(entry["oid"]))
+        except FileNotFoundError:
+            raise self._integrity(
+                f"object {entry['oid']} of {name}:{key} is missing; run `hydra-cas fsck`", f"{name}:{key}", entry["oid"]
+            ) from None
+        return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in header.tensors]
+
+    def du(self) -> dict[str, Any]:
+        """Disk usage: logical bytes (every version counted), stored bytes, dedup savings.
+
+        Per model, ``stored`` counts each distinct object of that model once; the
+        totals count each object once across the whole store, and ``on_disk``
+        also counts unreferenced objects that gc has not removed yet.
+        """
+        doc = self.manifest.read()
+        per_model = []
+        all_oids: dict[str, int] = {}
+        logical_total = 0
+        for name in sorted(doc["models"]):
+            versions = doc["models"][name]["versions"]
+            oids = {e["oid"]: e["size"] for e in versions.values()}
+            logical = sum(e["size"] for e in versions.values())
+            stored = sum(oids.values())
+            per_model.append({
+                "name": name,
+                "versions": len(versions),
+                "logical_bytes": logical,
+                "stored_bytes": stored,
+                "dedup_saved_bytes": logical - stored,
+            })
+            all_oids.update(oids)
+            logical_total += logical
+        on_disk = 0
+        orphans = 0
+        for oid, path in self.layout.iter_objects():
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            on_disk += size
+            if oid not in all_oids:
+                orphans += size
+        stored_total = sum(all_oids.values())
+        return {
+            "models": per_model,
+            "total": {
+                "logical_bytes": logical_total,
+                "stored_bytes": stored_total,
+                "dedup_saved_bytes": logical_total - stored_total,
+                "on_disk_bytes": on_disk,
+                "unreferenced_bytes": orphans,
+            },
+        }
+
+    # ------------------------------------------------------------------ loading
+
+    def load(
+        self, name: str, version: str = "latest", verify: str = "fast", mmap: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Load ``name:version`` as a dict of numpy arrays.
+
+        ``verify``: ``"fast"`` checks the BLAKE3 digest, ``"full"`` the SHA-256
+        (the oid), ``"none"`` nothing.  ``mmap=True`` returns read-only arrays
+        that view a memory map of the object, without copying.
+        """
+        if verify not in VERIFY_MODES:
+            raise HydraError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+        key, entry = self._lookup(name, version)
+        ref = f"{name}:{key}"
+        if entry["status"] != "ok":
+            raise IntegrityError(
+                f"{ref} is marked broken (object {entry['oid']} failed fsck and was quarantined); "
+                "save it again or delete it",
+                ref=ref,
+                oid=entry["oid"],
+            )
+        if entry["tier"] != "hot":
+            raise HydraError(f"{ref} is in tier {entry['tier']!r}, which this version cannot read")
+        oid = entry["oid"]
+        try:
+            if mmap:
+                mapped, digest = self.objects.map(oid, entry["size"], verify)
+                self._check_digest(ref, entry, verify, digest)
+                return _arrays_from(mapped, entry["size"], writable=False)
+            buf, digest = self.objects.read_into_buffer(oid, entry["size"], verify)
+        except FileNotFoundError:
+            raise self._integrity(
+                f"object {oid} of {ref} is missing from {self.layout.objects}; run `hydra-cas fsck`",
+                ref, oid,
+            ) from None
+        except IntegrityError as exc:
+            raise self._integrity(f"{ref}: {exc}", ref, oid, exc.expected, exc.actual) from None
+        self._check_digest(ref, entry, verify, digest)
+        return _arrays_from(buf, entry["size"], writable=True)
+
+    def _integrity(
+        self, message: str, ref: str, oid: str, expected: str | None = None, actual: str | None = None
+    ) -> IntegrityError:
+        logger.critical("%s", message)
+        return IntegrityError(message, ref=ref, oid=oid, expected=expected, actual=actual)
+
+    def _check_digest(self, ref: str, entry: dict[str, Any], verify: str, digest: str | None) -> None:
+        if verify == "none":
+            return
+        expected = entry["blake3"] if verify == "fast" else entry["oid"]
+        if digest != expected:
+            algo = "BLAKE3" if verify == "fast" else "SHA-256"
+            raise self._integrity(
+                f"checksum mismatch for {ref}: object {entry['oid']} has {algo} {digest}, "
+                f"expected {expected}; the stored file is corrupt (run `hydra-cas fsck --repair`)",
+                ref, entry["oid"], expected, digest,
+            )
+
+    def load_many(
+        self,
+        requests: Iterable[tuple[str, str] | str],
+        max_workers: int | None = None,
+        verify: str = "fast",
+        mmap: bool = False,
+    ) -> dict[str, LoadResult]:
+        """Load several models in parallel; one result per request, keyed ``name:version``.
+
+        A failed request has its error in its result and does not stop the
+        others; check ``result.ok`` or call ``result.unwrap()``.
+        """
+        keyed: dict[str, tuple[str, str]] = {}
+        for request in requests:
+            if isinstance(request, str):
+                name, _, version = request.rpartition(":")
+                if not name:
+                    name, version = request, "latest"
+            else:
+                name, version = request
+            keyed[f"{name}:{version}"] = (name, version)
+        if not keyed:
+            return {}
+        workers = max_workers or min(len(keyed), 2 * (os.cpu_count() or 2))
+
+        def one(item: tuple[str, tuple[str, str]]) -> LoadResult:
+            label, (name, version) = item
+            try:
+                resolved = self.resolve(name, version)
+                return LoadResult(label, resolved, self.load(name, resolved, verify, mmap))
+            except HydraError as exc:
+                logger.error("loading %s failed: %s", label, exc)
+                return LoadResult(label, error=exc)
+            except Exception as exc:  # a bug or an unexpected OS failure: report, do not hide
+                logger.exception("loading %s failed unexpectedly", label)
+                wrapped = HydraError(f"loading {label} failed: {type(exc).__name__}: {exc}")
+                wrapped.__cause__ = exc
+                return LoadResult(label, error=wrapped)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hydra-load") as pool:
+            return {r.request: r for r in pool.map(one, keyed.items())}
+
+    # ------------------------------------------------------------------ changing refs
+
+    def delete(self, name: str, version: str, *, force: bool = False) -> str:
+        """Remove the ref ``name:version`` (the object is left for gc); return the version.
+
+        Refuses when aliases point at the version, unless ``force`` (which
+        removes those aliases too).
+        """
+        name = check_name(name)
+        removed: dict[str, str] = {}
+
+        def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
+            key, _ = self._lookup(name, version, doc)
+            aliases = sorted(a for a, v in doc["models"][name]["aliases"].items() if v == key)
+            if aliases and not force:
+                raise HydraError(
+                    f"{name}:{key} is the target of alias(es) {', '.join(aliases)}; remove them "
+                    "first or delete with force=True (--force)"
+                )
+            removed["version"] = key
+            return [{"op": "drop", "name": name, "version": key}]
+
+        self.manifest.commit(plan)
+        logger.info("deleted %s:%s", name, removed["version"])
+        return removed["version"]
+
+    def set_alias(self, name: str, alias: str, version: str) -> str:
+        """Point ``alias`` at ``version`` (resolved now); return the version."""
+        name = check_name(name)
+        alias = check_alias(alias)
+        target: dict[str, str] = {}
+
+        def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
+            key, _ = self._lookup(name, version, doc)
+            target["version"] = key
+            if doc["models"][name]["aliases"].get(alias) == key:
+                return []
+            return [{"op": "alias", "name": name, "alias": alias, "version": key}]
+
+        self.manifest.commit(plan)
+        return target["version"]
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        name = check_name(name)
+        if not isinstance(alias, str):
+            raise InvalidNameError(f"alias must be a str, got {type(alias).__name__}")
+
+        def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
+            model = doc["models"].get(name)
+            if model is None or alias not in model["aliases"]:
+                raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+            return [{"op": "unalias", "name": name, "alias": alias}]
+
+        self.manifest.commit(plan)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def gc(
+        self,
+        *,
+        grace_period: float = 3600.0,
+        dry_run: bool = False,
+        progress: bool = False,
+    ) -> GcPlan:
+        """Delete objects no ref, alias or in-flight save needs; see hydra_cas.gc."""
+        from hydra_cas.gc import collect
+
+        return collect(self, grace_period=grace_period, dry_run=dry_run, progress=progress)
+
+    def fsck(
+        self,
+        *,
+        repair: bool = False,
+        sample: float | None = None,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> FsckReport:
+        """Check (and with ``repair=True`` mend) the store; see hydra_cas.fsck."""
+        from hydra_cas.fsck import check
+
+        return check(self, repair=repair, sample=sample, workers=workers, progress=progress)
+
+    # ------------------------------------------------------------------ export
+
+    def export(
+        self,
+        name: str,
+        version: str,
+        dest: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> Path:
+        """Write the payload of ``name:version`` to ``dest``, byte-identical, verified.
+
+        The bytes are re-hashed with SHA-256 on the way and the file appears
+        only once it is complete and matches.
+        """
+        key, entry = self._lookup(name, version)
+        ref = f"{name}:{key}"
+        target = Path(dest).absolute()
+        if target.exists() and not overwrite:
+            raise HydraError(f"{target} already exists; choose another path or pass overwrite=True")
+        if entry["tier"] != "hot":
+            raise HydraError(f"{ref} is in tier {entry['tier']!r}, which this version cannot read")
+        source = self.objects.path(entry["oid"])
+        if not source.exists():
+            raise self._integrity(f"object {entry['oid']} of {ref} is missing; run `hydra-cas fsck`", ref, entry["oid"])
+        fd, tmp = fsio.create_temp(target.parent, ".hydra-export")
+        try:
+            try:
+                chunks = _read_chunks(source, entry["size"], progress=progress, desc=f"export {ref}")
+                oid, _, size = digest_stream(chunks, fd, tmp)
+                if self.durable:
+                    fsio.fsync(fd, tmp)
+            finally:
+                os.close(fd)
+            if oid != entry["oid"] or size != entry["size"]:
+                raise self._integrity(
+                    f"checksum mismatch exporting {ref}: object {entry['oid']} hashes to {oid}; "
+                    "the stored file is corrupt (run `hydra-cas fsck --repair`)",
+                    ref, entry["oid"], entry["oid"], oid,
+                )
+            os.chmod(tmp, 0o644)
+            fsio.replace(tmp, str(target))
+        except BaseException:
+            fsio.discard(tmp)
+            raise
+        return target
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _suggest(name: str, models: Mapping[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(models), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _arrays_from(buffer: Any, size: int, *, writable: bool) -> dict[str, np.ndarray]:
+    """Arrays viewing the tensors of a payload held in ``buffer`` (no copies)."""
+    if buffer is None:
+        from hydra_cas.errors import InvalidSafetensorsError
+
+        raise InvalidSafetensorsError("an empty object is not a safetensors payload")
+    header: Header = parse_header(memoryview(buffer) if not isinstance(buffer, np.ndarray) else buffer.data, size)
+    result: dict[str, np.ndarray] = {}
+    for tensor in header.tensors:
+        dtype = numpy_dtype_for(tensor.dtype)
+        start = header.data_start + tensor.begin
+        count = (tensor.end - tensor.begin) // dtype.itemsize
+        if count == 0:
+            array = np.empty(tensor.shape, dtype=dtype)
+            array.flags.writeable = writable
+        else:
+            array = np.frombuffer(buffer, dtype=dtype, count=count, offset=start).reshape(tensor.shape)
+        result[tensor.name] = array
+    return result
+
+
+def _read_chunks(
+    path: Path, expected: int, chunk: int = 16 * 1024 * 1024, *, progress: bool = False, desc: str = ""
+) -> Iterator[bytes]:
+    """Stream a file; raise if its size is not ``expected`` (it changed under us)."""
+    from hydra_cas.progress import progress_bar
+
+    total = 0
+    try:
+        with open(path, "rb") as f, progress_bar(expected, desc, enabled=progress) as bar:
+            while True:
+                data = f.read(chunk)
+                if not data:
+                    break
+                total += len(data)
+                bar.update(len(data))
+                yield data
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}", errno=exc.errno, path=str(path)) from exc
+    if total != expected:
+        raise HydraError(f"{path} changed size while being read ({total} bytes, expected {expected})")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    from hydra_cas.errors import InvalidSafetensorsError
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidSafetensorsError(f"cannot read {path} as .npz: {exc}") from None
