@@ -183,6 +183,13 @@ def cmd_du(args: argparse.Namespace, store: Store) -> int:
     print(_table(rows, ["NAME", "VERSIONS", "LOGICAL", "STORED", "SAVED BY DEDUP"]))
     print(f"\non disk: {_size(total['on_disk_bytes'])}, of which unreferenced (gc frees after the grace period): "
           f"{_size(total['unreferenced_bytes'])}")
+    hot, archive = usage["tiers"]["hot"], usage["tiers"]["archive"]
+    print(f"hot tier:     {hot['versions']} versions, {_size(hot['stored_bytes'])}")
+    if archive["versions"]:
+        print(f"archive tier: {archive['versions']} versions, {_size(archive['logical_bytes'])} logical "
+              f"-> {_size(archive['stored_bytes'])} stored; saved by tensor dedup "
+              f"{_size(archive['tensor_dedup_saved_bytes'])}, by compression "
+              f"{_size(archive['compression_saved_bytes'])}, by deltas {_size(archive['delta_saved_bytes'])}")
     return 0
 
 
@@ -220,6 +227,51 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
     else:
         print(report.render())
     return report.exit_code
+
+
+def cmd_archive(args: argparse.Namespace, store: Store) -> int:
+    name = version = None
+    if args.ref:
+        name, sep, version_part = args.ref.rpartition(":")
+        if sep:
+            version = version_part
+        else:
+            name = args.ref
+    chosen = store.archive_candidates(name, version, keep_latest=args.keep_latest,
+                                      older_than_days=args.older_than)
+    if args.dry_run:
+        if args.json:
+            _print_json({"would_archive": [f"{n}:{v}" for n, v in chosen]})
+        else:
+            print("\n".join(f"would archive {n}:{v}" for n, v in chosen) or "nothing to archive")
+        return 0
+    from hydra_cas.progress import progress_bar
+
+    done = []
+    with progress_bar(len(chosen), "archive", enabled=_progress_wanted(args), unit="version") as bar:
+        for n, v in chosen:
+            result = store.archive(n, v)
+            stats = result.stats
+            done.append({"ref": result.ref, "oid": result.oid, "size": result.size,
+                         "tensors": stats.tensors if stats else 0, "reused": stats.reused if stats else 0,
+                         "deltas": stats.deltas if stats else 0,
+                         "new_bytes": stats.stored_bytes if stats else 0})
+            bar.update(1)
+            if not args.json:
+                print(f"archived {result.ref}: {_size(result.size)} -> {_size(done[-1]['new_bytes'])} new "
+                      f"({done[-1]['reused']} of {done[-1]['tensors']} tensors shared, {done[-1]['deltas']} deltas)")
+    if args.json:
+        _print_json({"archived": done})
+    elif not done:
+        print("nothing to archive")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, store: Store) -> int:
+    name, version = split_ref(args.ref, default_version=None)
+    result = store.restore(name, version)
+    print(f"{result.ref} is {'already' if result.already else 'now'} in the hot tier")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, store_path: str) -> int:
@@ -294,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quarantine corrupt objects, mark their refs broken, rebuild the manifest, clean temp files")
     p.add_argument("--sample", type=float, metavar="PCT", help="hash only this percentage of objects")
     p.add_argument("--workers", type=int, metavar="N", help="hashing processes (default: all cores)")
+
+    p = add("archive", "move versions to the compressed, tensor-deduplicated archive tier", cmd_archive,
+            json_flag=True)
+    p.add_argument("ref", nargs="?", metavar="NAME[:VERSION]")
+    p.add_argument("--keep-latest", type=int, metavar="N", help="keep each model's newest N versions hot")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="only versions created more than DAYS ago")
+    p.add_argument("--dry-run", action="store_true", help="list what would be archived")
+
+    p = add("restore", "bring an archived version back to the hot tier", cmd_restore)
+    p.add_argument("ref", metavar="NAME:VERSION")
 
     add("demo", "run a guided demo on the store (default ./hydra_models)", cmd_demo)
     return parser

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+    from hydra_cas.archive import ArchiveStats
     from hydra_cas.errors import HydraError
 
-__all__ = ["SaveResult", "VersionInfo", "LoadResult"]
+__all__ = ["SaveResult", "VersionInfo", "LoadResult", "ArchiveResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +117,15 @@ class LoadResult:
             raise self.error
         assert self.tensors is not None
         return self.tensors
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveResult:
+    """What :meth:`Store.archive` or :meth:`Store.restore` did."""
+
+    ref: str
+    oid: str
+    size: int
+    already: bool = False
+    """True when the version was already in the requested tier."""
+    stats: ArchiveStats | None = None

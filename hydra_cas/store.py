@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import logging
 import os
+import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import blake3
 import numpy as np
 from packaging.version import Version
 
 from hydra_cas import fsio
+from hydra_cas.archive import Archive, ArchiveStats, load_parent_recipe
 from hydra_cas.dtypes import numpy_dtype_for
 from hydra_cas.errors import (
     HydraError,
@@ -27,12 +34,12 @@ from hydra_cas.layout import Layout
 from hydra_cas.manifest import ManifestStore, metadata_json, utc_now
 from hydra_cas.objects import VERIFY_MODES, ObjectStore, Written, digest_stream
 from hydra_cas.payload import build_header, iter_data, prepare, tensor_summary
-from hydra_cas.records import LoadResult, SaveResult, VersionInfo
+from hydra_cas.records import ArchiveResult, LoadResult, SaveResult, VersionInfo
 from hydra_cas.refs import canonical_version, check_alias, check_name, latest_of, resolve_version
 from hydra_cas.stheader import parse_header
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from collections.abc import Callable, Iterable, Iterator
 
     from hydra_cas.fsck import FsckReport
     from hydra_cas.gc import GcPlan
@@ -48,6 +55,23 @@ _COMMIT_ATTEMPTS = 3
 
 class _ObjectVanished(Exception):
     """Internal: a concurrent gc removed the object between publish and commit."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One version of a save batch, validated, not yet written."""
+
+    name: str
+    key: str
+    chunks: Callable[[], Iterable[memoryview | bytes]]
+    summary: dict[str, Any]
+    meta: dict[str, Any]
+    parent: str | None
+    parent_key: str | None = None
+
+
+def _tensor_chunks(header: bytes, sources: list[Any]) -> Iterator[memoryview | bytes]:
+    return itertools.chain((header,), iter_data(sources))
 
 
 def _find_version(versions: Mapping[str, Any], key: str) -> str | None:
@@ -101,6 +125,7 @@ class Store:
                     break
                 fsio.makedirs(sub)
         self.objects = ObjectStore(self.layout, durable=durable)
+        self.archive_tier = Archive(self.layout, durable=durable)
         self.manifest = ManifestStore(self.layout, durable=durable, lock_timeout=lock_timeout)
 
     def __repr__(self) -> str:
@@ -130,10 +155,7 @@ class Store:
         header = build_header(sources)
         summary = tensor_summary(sources)
 
-        def chunks() -> Iterator[memoryview | bytes]:
-            return itertools.chain((header,), iter_data(sources))
-
-        return self._save_stream(name, key, chunks, summary, meta, parent)
+        return self._save_stream(name, key, functools.partial(_tensor_chunks, header, sources), summary, meta, parent)
 
     def import_file(
         self,
@@ -172,6 +194,30 @@ class Store:
 
         return self._save_stream(name, key, chunks, summary, meta, parent)
 
+    def save_many(self, items: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> list[SaveResult]:
+        """Save several versions in one manifest transaction: all of them or none.
+
+        Each item is ``(name, version, tensors[, metadata[, parent]])`` or a dict
+        with those keys.  Much faster than separate saves for many small
+        versions, because the manifest is rewritten once.  A parent may be an
+        earlier item of the same batch.
+        """
+        pending: list[_Pending] = []
+        for item in items:
+            fields = dict(item) if isinstance(item, Mapping) else dict(
+                zip(("name", "version", "tensors", "metadata", "parent"), item)
+            )
+            name = check_name(fields.get("name"))
+            key = canonical_version(fields.get("version"))
+            meta = metadata_json(fields.get("metadata"))
+            sources = prepare(fields.get("tensors"))
+            header = build_header(sources)
+            pending.append(_Pending(
+                name, key, functools.partial(_tensor_chunks, header, sources), tensor_summary(sources), meta,
+                fields.get("parent"),
+            ))
+        return self._save_batch(pending)
+
     def _save_stream(
         self,
         name: str,
@@ -181,41 +227,98 @@ class Store:
         meta: dict[str, Any],
         parent: str | None,
     ) -> SaveResult:
-        doc = self.manifest.read()
-        model = doc["models"].get(name)
-        parent_key = self._resolve_parent(name, model, parent)
-        existing = _find_version(model["versions"], key) if model else None
-        if existing is not None:
-            # Decide immutability by hashing alone: a refused save writes nothing.
-            oid, _, size = digest_stream(chunks())
-            return self._same_or_conflict(name, existing, model["versions"][existing], oid, size)
+        return self._save_batch([_Pending(name, key, chunks, summary, meta, parent)])[0]
 
-        for attempt in range(_COMMIT_ATTEMPTS):
-            written = self.objects.write_temp(chunks())
-            intent = self._add_intent(written.oid, written.tmp)
+    def _save_batch(self, pending: list[_Pending]) -> list[SaveResult]:
+        doc = self.manifest.read()
+        seen: set[tuple[str, str]] = set()
+        for p in pending:
+            if (p.name, p.key) in seen:
+                raise VersionExistsError(f"{p.name}:{p.key} appears twice in one batch")
+            seen.add((p.name, p.key))
+            p.parent_key = self._resolve_parent(p.name, doc["models"].get(p.name), p.parent, seen)
+        results: dict[int, SaveResult] = {}
+        to_write: list[int] = []
+        for i, p in enumerate(pending):
+            model = doc["models"].get(p.name)
+            existing = _find_version(model["versions"], p.key) if model else None
+            if existing is None:
+                to_write.append(i)
+                continue
+            # Decide immutability by hashing alone: a refused save writes nothing.
+            oid, _, size = digest_stream(p.chunks())
+            results[i] = self._same_or_conflict(p.name, existing, model["versions"][existing], oid, size)
+        if not to_write:
+            return [results[i] for i in range(len(pending))]
+
+        for _ in range(_COMMIT_ATTEMPTS):
+            intents: list[str] = []
+            written: dict[int, tuple[Written, bool]] = {}
             try:
-                created = self.objects.publish(written)
-                result = self._commit_put(name, key, written, summary, meta, parent_key, created)
+                for i in to_write:
+                    w = self.objects.write_temp(pending[i].chunks())
+                    intents.append(self._add_intent(w.oid, w.tmp))
+                    written[i] = (w, self.objects.publish(w))
+                results.update(self._commit_puts(pending, written))
             except _ObjectVanished:
-                logger.warning("object %s vanished before %s:%s was committed; writing it again", written.oid, name, key)
+                logger.warning("an object vanished before its ref was committed (concurrent gc); writing again")
                 continue
             finally:
-                fsio.discard(intent)
-            logger.info(
-                "saved %s:%s as %s (%d bytes%s)",
-                name, key, written.oid, written.size, ", deduplicated" if result.deduplicated else "",
-            )
-            return result
+                for intent in intents:
+                    fsio.discard(intent)
+            for i in to_write:
+                r = results[i]
+                logger.info("saved %s as %s (%d bytes%s)", r.ref, r.oid, r.size,
+                            ", deduplicated" if r.deduplicated else "")
+            return [results[i] for i in range(len(pending))]
         raise StorageError(
-            f"could not commit {name}:{key}: its object was removed {_COMMIT_ATTEMPTS} times "
-            "in a row by a concurrent gc; retry"
+            f"could not commit {len(to_write)} version(s): their objects were removed {_COMMIT_ATTEMPTS} "
+            "times in a row by a concurrent gc; retry"
         )
 
-    def _resolve_parent(self, name: str, model: dict[str, Any] | None, parent: str | None) -> str | None:
+    def _commit_puts(
+        self, pending: list[_Pending], written: dict[int, tuple[Written, bool]]
+    ) -> dict[int, SaveResult]:
+        now = utc_now()
+        outcome: dict[int, SaveResult] = {}
+
+        def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
+            outcome.clear()
+            records = []
+            for i, (w, created) in written.items():
+                p = pending[i]
+                model = doc["models"].get(p.name)
+                versions = model["versions"] if model else {}
+                same = _find_version(versions, p.key)
+                if same is not None:
+                    outcome[i] = self._same_or_conflict(p.name, same, versions[same], w.oid, w.size)
+                    continue
+                # gc deletes only under this lock, so an object seen here stays.
+                if self.objects.size_of(w.oid) != w.size:
+                    raise _ObjectVanished
+                entry = {
+                    "oid": w.oid, "blake3": w.blake3, "size": w.size, **p.summary, "created": now,
+                    "metadata": p.meta, "tier": "hot", "parent": p.parent_key, "status": "ok",
+                }
+                outcome[i] = SaveResult(p.name, p.key, w.oid, w.size, deduplicated=not created)
+                records.append({"op": "put", "name": p.name, "version": p.key, "entry": entry})
+            return records
+
+        self.manifest.commit(plan)
+        return outcome
+
+    def _resolve_parent(
+        self, name: str, model: dict[str, Any] | None, parent: str | None, batch: set[tuple[str, str]]
+    ) -> str | None:
         if parent is None:
             return None
         if not isinstance(parent, str):
             raise InvalidVersionError(f"parent must be a version string, got {type(parent).__name__}")
+        try:
+            if (name, canonical_version(parent)) in batch:
+                return canonical_version(parent)
+        except InvalidVersionError:
+            pass  # not a plain version: an alias, 'latest' or a specifier
         if model is None:
             raise NotFoundError(f"parent {name}:{parent} not found: model {name!r} has no versions yet")
         return resolve_version(name, parent, model["versions"], model["aliases"])
@@ -242,45 +345,6 @@ class Store:
                 fsio.discard(tmp)
             raise
         return final
-
-    def _commit_put(
-        self,
-        name: str,
-        key: str,
-        written: Written,
-        summary: dict[str, Any],
-        meta: dict[str, Any],
-        parent_key: str | None,
-        created: bool,
-    ) -> SaveResult:
-        entry = {
-            "oid": written.oid,
-            "blake3": written.blake3,
-            "size": written.size,
-            **summary,
-            "created": utc_now(),
-            "metadata": meta,
-            "tier": "hot",
-            "parent": parent_key,
-            "status": "ok",
-        }
-        outcome: dict[str, SaveResult] = {}
-
-        def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
-            model = doc["models"].get(name)
-            versions = model["versions"] if model else {}
-            same = _find_version(versions, key)
-            if same is not None:
-                outcome["result"] = self._same_or_conflict(name, same, versions[same], written.oid, written.size)
-                return []
-            # gc deletes only under this lock, so an object seen here stays.
-            if self.objects.size_of(written.oid) != written.size:
-                raise _ObjectVanished
-            outcome["result"] = SaveResult(name, key, written.oid, written.size, deduplicated=not created)
-            return [{"op": "put", "name": name, "version": key, "entry": entry}]
-
-        self.manifest.commit(plan)
-        return outcome["result"]
 
     # ------------------------------------------------------------------ resolving
 
@@ -349,8 +413,10 @@ class Store:
         from hydra_cas.stheader import validate_file
 
         key, entry = self._lookup(name, version)
-        if entry["tier"] != "hot":
-            raise HydraError(f"{name}:{key} is in tier {entry['tier']!r}, which this version cannot read")
+        if entry["tier"] == "archive":
+            recipe = self.archive_tier.read_recipe(entry["oid"])
+            return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                    for t in parse_header(recipe.header, recipe.size).tensors]
         try:
             header = validate_file(self.objects.path(entry["oid"]))
         except FileNotFoundError:
@@ -394,15 +460,33 @@ class Store:
             on_disk += size
             if oid not in all_oids:
                 orphans += size
-        stored_total = sum(all_oids.values())
+        hot_oids = {e["oid"] for m in doc["models"].values() for e in m["versions"].values() if e["tier"] == "hot"}
+        archived = {e["oid"]: e["size"] for m in doc["models"].values() for e in m["versions"].values()
+                    if e["tier"] == "archive"}
+        archive = self.archive_tier.usage(set(archived))
+        archived_logical = sum(e["size"] for m in doc["models"].values() for e in m["versions"].values()
+                               if e["tier"] == "archive")
+        hot_stored = sum(all_oids[o] for o in hot_oids)
         return {
             "models": per_model,
             "total": {
                 "logical_bytes": logical_total,
-                "stored_bytes": stored_total,
+                "stored_bytes": hot_stored + archive["stored_bytes"],
                 "dedup_saved_bytes": logical_total - stored_total,
-                "on_disk_bytes": on_disk,
+                "on_disk_bytes": on_disk + archive["stored_bytes"],
                 "unreferenced_bytes": orphans,
+            },
+            "tiers": {
+                "hot": {"versions": sum(1 for m in doc["models"].values() for e in m["versions"].values()
+                                        if e["tier"] == "hot"),
+                        "stored_bytes": hot_stored},
+                "archive": {
+                    "versions": sum(1 for m in doc["models"].values() for e in m["versions"].values()
+                                    if e["tier"] == "archive"),
+                    "logical_bytes": archived_logical,
+                    **archive,
+                    "tensor_dedup_saved_bytes": sum(archived.values()) - archive["unique_tensor_bytes"],
+                },
             },
         }
 
@@ -428,8 +512,8 @@ class Store:
                 ref=ref,
                 oid=entry["oid"],
             )
-        if entry["tier"] != "hot":
-            raise HydraError(f"{ref} is in tier {entry['tier']!r}, which this version cannot read")
+        if entry["tier"] == "archive":
+            return self._load_archived(ref, entry, verify)
         oid = entry["oid"]
         try:
             if mmap:
@@ -438,6 +522,10 @@ class Store:
                 return _arrays_from(mapped, entry["size"], writable=False)
             buf, digest = self.objects.read_into_buffer(oid, entry["size"], verify)
         except FileNotFoundError:
+            # A concurrent archive may have moved the bytes between our lookup and the open.
+            now_key, now_entry = self._lookup(name, key)
+            if now_entry["tier"] == "archive" and now_entry["oid"] == oid:
+                return self._load_archived(ref, now_entry, verify)
             raise self._integrity(
                 f"object {oid} of {ref} is missing from {self.layout.objects}; run `hydra-cas fsck`",
                 ref, oid,
@@ -446,6 +534,27 @@ class Store:
             raise self._integrity(f"{ref}: {exc}", ref, oid, exc.expected, exc.actual) from None
         self._check_digest(ref, entry, verify, digest)
         return _arrays_from(buf, entry["size"], writable=True)
+
+    def _load_archived(self, ref: str, entry: dict[str, Any], verify: str) -> dict[str, np.ndarray]:
+        """Rebuild an archived payload in memory (no temp file) and verify it as asked."""
+        oid, size = entry["oid"], entry["size"]
+        try:
+            recipe = self.archive_tier.read_recipe(oid)
+            if recipe.size != size:
+                raise IntegrityError(f"archive recipe {oid} rebuilds {recipe.size} bytes, the manifest records {size}")
+            buf = np.empty(size, dtype=np.uint8)
+            hasher = _new_hasher(verify)
+            pos = 0
+            for chunk in self.archive_tier.iter_payload(recipe, verify_tensors=False):
+                n = len(chunk)
+                buf[pos : pos + n] = np.frombuffer(chunk, dtype=np.uint8)
+                if hasher is not None:
+                    hasher.update(chunk)
+                pos += n
+        except IntegrityError as exc:
+            raise self._integrity(f"{ref}: {exc}", ref, oid, exc.expected, exc.actual) from None
+        self._check_digest(ref, entry, verify, hasher.hexdigest() if hasher is not None else None)
+        return _arrays_from(buf, size, writable=True)
 
     def _integrity(
         self, message: str, ref: str, oid: str, expected: str | None = None, actual: str | None = None
@@ -562,6 +671,171 @@ class Store:
 
         self.manifest.commit(plan)
 
+    # ------------------------------------------------------------------ archival tier
+
+    def archive(self, name: str, version: str) -> ArchiveResult:
+        """Move ``name:version`` to the archival tier; its oid stays the same.
+
+        Tensors are stored once each (shared across archived versions),
+        compressed, and where it pays as XOR deltas against the parent
+        version's tensors.  The archived form is rebuilt and checked against the
+        SHA-256 before the hot copy is removed.
+        """
+        for _ in range(_COMMIT_ATTEMPTS):
+            doc = self.manifest.read()
+            key, entry = self._lookup(name, version, doc)
+            ref, oid = f"{name}:{key}", entry["oid"]
+            if entry["tier"] == "archive":
+                return ArchiveResult(ref, oid, entry["size"], already=True)
+            if entry["status"] != "ok":
+                raise IntegrityError(f"{ref} is marked broken; it cannot be archived", ref=ref, oid=oid)
+            stats = ArchiveStats()
+            if not self.archive_tier.has_recipe(oid):
+                stats = self._write_archive(ref, doc, name, key, entry)
+            self._verify_archived(ref, oid, entry["size"])
+            try:
+                self._set_tier(name, key, oid, "hot", "archive")
+            except _ObjectVanished:
+                logger.warning("archive data of %s vanished before commit; archiving again", ref)
+                continue
+            self._drop_hot_copy(oid)
+            logger.info("archived %s: %d tensors, %d reused, %d deltas", ref, stats.tensors, stats.reused, stats.deltas)
+            return ArchiveResult(ref, oid, entry["size"], stats=stats)
+        raise StorageError(f"could not archive {name}:{version}: a concurrent gc kept removing its data; retry")
+
+    def _write_archive(
+        self, ref: str, doc: dict[str, Any], name: str, key: str, entry: dict[str, Any]
+    ) -> ArchiveStats:
+        oid, size = entry["oid"], entry["size"]
+        try:
+            buf, digest = self.objects.read_into_buffer(oid, size, "full")
+        except FileNotFoundError:
+            raise self._integrity(f"object {oid} of {ref} is missing; run `hydra-cas fsck`", ref, oid) from None
+        if digest != oid:
+            raise self._integrity(
+                f"checksum mismatch for {ref}: object {oid} hashes to {digest}; not archiving corrupt bytes "
+                "(run `hydra-cas fsck --repair`)", ref, oid, oid, digest,
+            )
+        header = parse_header(buf.data, size)
+        parent = load_parent_recipe(self.archive_tier, _parent_entry(doc["models"][name], key, entry))
+        return self.archive_tier.archive_payload(oid, memoryview(buf), header, parent)
+
+    def _verify_archived(self, ref: str, oid: str, size: int) -> None:
+        """Rebuild the archived payload and check its SHA-256: a codec bug must never destroy data."""
+        sha = hashlib.sha256()
+        total = 0
+        try:
+            recipe = self.archive_tier.read_recipe(oid)
+            for chunk in self.archive_tier.iter_payload(recipe, verify_tensors=False):
+                sha.update(chunk)
+                total += len(chunk)
+        except IntegrityError as exc:
+            raise self._integrity(f"archived form of {ref} does not rebuild: {exc}", ref, oid) from None
+        if total != size or sha.hexdigest() != oid:
+            raise self._integrity(
+                f"archived form of {ref} rebuilds to other bytes (sha256 {sha.hexdigest()}, {total} bytes); "
+                "the hot copy is kept", ref, oid, oid, sha.hexdigest(),
+            )
+
+    def _set_tier(self, name: str, key: str, oid: str, old: str, new: str) -> None:
+        def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
+            model = doc["models"].get(name)
+            entry = model["versions"].get(key) if model else None
+            if entry is None or entry["oid"] != oid:
+                raise NotFoundError(f"{name}:{key} was deleted or replaced while it was being moved")
+            if entry["tier"] != old:
+                return []
+            # Under the lock gc cannot delete; check the bytes the new tier needs are all there.
+            if new == "archive":
+                _, problems = self.archive_tier.live_tensors({oid})
+                if problems or not self.archive_tier.has_recipe(oid):
+                    raise _ObjectVanished
+            elif self.objects.size_of(oid) != entry["size"]:
+                raise _ObjectVanished
+            return [{"op": "put", "name": name, "version": key, "entry": {**entry, "tier": new}}]
+
+        self.manifest.commit(plan)
+
+    def _drop_hot_copy(self, oid: str) -> None:
+        """Remove a hot object once no hot version uses it (under the lock, like gc)."""
+        with self.manifest.lock():
+            doc = self.manifest.read()
+            for model in doc["models"].values():
+                for entry in model["versions"].values():
+                    if entry["oid"] == oid and entry["tier"] == "hot":
+                        return
+            fsio.unlink(self.objects.path(oid))
+
+    def restore(self, name: str, version: str) -> ArchiveResult:
+        """Bring an archived version back to the hot tier as its exact object file."""
+        for _ in range(_COMMIT_ATTEMPTS):
+            key, entry = self._lookup(name, version)
+            ref, oid = f"{name}:{key}", entry["oid"]
+            if entry["tier"] == "hot":
+                return ArchiveResult(ref, oid, entry["size"], already=True)
+            try:
+                recipe = self.archive_tier.read_recipe(oid)
+                written = self.objects.write_temp(self.archive_tier.iter_payload(recipe, verify_tensors=False))
+            except IntegrityError as exc:
+                raise self._integrity(f"{ref}: {exc}", ref, oid) from None
+            if written.oid != oid or written.size != entry["size"]:
+                fsio.discard(written.tmp or "")
+                raise self._integrity(
+                    f"archived form of {ref} rebuilds to sha256 {written.oid}, expected {oid}", ref, oid, oid, written.oid
+                )
+            intent = self._add_intent(oid, written.tmp)
+            try:
+                self.objects.publish(written)
+                self._set_tier(name, key, oid, "archive", "hot")
+            except _ObjectVanished:
+                continue
+            finally:
+                fsio.discard(intent)
+            logger.info("restored %s to the hot tier", ref)
+            return ArchiveResult(ref, oid, entry["size"])
+        raise StorageError(f"could not restore {name}:{version}: a concurrent gc kept removing it; retry")
+
+    def archive_candidates(
+        self,
+        name: str | None = None,
+        version: str | None = None,
+        *,
+        keep_latest: int | None = None,
+        older_than_days: float | None = None,
+    ) -> list[tuple[str, str]]:
+        """Hot versions a bulk archive would move, oldest first within each model.
+
+        ``keep_latest=N`` keeps each model's newest N versions hot;
+        ``older_than_days`` only takes versions created that long ago.  Versions
+        an alias points at stay hot unless named exactly.
+        """
+        doc = self.manifest.read()
+        if name is not None and version is not None:
+            key, entry = self._lookup(name, version, doc)
+            return [(name, key)] if entry["tier"] == "hot" else []
+        if keep_latest is None and older_than_days is None:
+            raise HydraError("choose what to archive: NAME:VERSION, --keep-latest N or --older-than DAYS")
+        if keep_latest is not None and keep_latest < 0:
+            raise HydraError("--keep-latest takes a number of versions, 0 or more")
+        names = [check_name(name)] if name is not None else sorted(doc["models"])
+        cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
+        chosen = []
+        for model_name in names:
+            model = doc["models"].get(model_name)
+            if model is None:
+                raise NotFoundError(f"no model named {model_name!r} in {self.root}")
+            ordered = sorted(model["versions"], key=Version)
+            keep = set(ordered[len(ordered) - keep_latest:]) if keep_latest else set()
+            aliased = set(model["aliases"].values())
+            for key in ordered:
+                entry = model["versions"][key]
+                if key in keep or key in aliased or entry["tier"] != "hot" or entry["status"] != "ok":
+                    continue
+                if cutoff is not None and _created_epoch(entry["created"]) > cutoff:
+                    continue
+                chosen.append((model_name, key))
+        return chosen
+
     # ------------------------------------------------------------------ maintenance
 
     def gc(
@@ -610,15 +884,19 @@ class Store:
         target = Path(dest).absolute()
         if target.exists() and not overwrite:
             raise HydraError(f"{target} already exists; choose another path or pass overwrite=True")
-        if entry["tier"] != "hot":
-            raise HydraError(f"{ref} is in tier {entry['tier']!r}, which this version cannot read")
-        source = self.objects.path(entry["oid"])
-        if not source.exists():
-            raise self._integrity(f"object {entry['oid']} of {ref} is missing; run `hydra-cas fsck`", ref, entry["oid"])
+        if entry["tier"] == "archive":
+            recipe = self.archive_tier.read_recipe(entry["oid"])
+            chunks: Iterable[bytes | bytearray | memoryview] = self.archive_tier.iter_payload(recipe, verify_tensors=False)
+        else:
+            source = self.objects.path(entry["oid"])
+            if not source.exists():
+                raise self._integrity(
+                    f"object {entry['oid']} of {ref} is missing; run `hydra-cas fsck`", ref, entry["oid"]
+                )
+            chunks = _read_chunks(source, entry["size"], progress=progress, desc=f"export {ref}")
         fd, tmp = fsio.create_temp(target.parent, ".hydra-export")
         try:
             try:
-                chunks = _read_chunks(source, entry["size"], progress=progress, desc=f"export {ref}")
                 oid, _, size = digest_stream(chunks, fd, tmp)
                 if self.durable:
                     fsio.fsync(fd, tmp)
@@ -639,6 +917,28 @@ class Store:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _parent_entry(model: dict[str, Any], key: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The version a delta is taken against: the recorded parent, else the previous version."""
+    versions = model["versions"]
+    if entry["parent"] is not None:
+        return versions.get(entry["parent"])
+    current = Version(key)
+    older = [v for v in versions if Version(v) < current]
+    return versions[max(older, key=Version)] if older else None
+
+
+def _created_epoch(created: str) -> float:
+    from datetime import datetime, timezone
+
+    return datetime.fromisoformat(created[:-1]).replace(tzinfo=timezone.utc).timestamp()
+
+
+def _new_hasher(verify: str) -> Any:
+    if verify == "none":
+        return None
+    return hashlib.sha256() if verify == "full" else blake3.blake3()
 
 
 def _suggest(name: str, models: Mapping[str, Any]) -> str:
