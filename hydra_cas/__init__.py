@@ -13,6 +13,7 @@ import logging
 from hydra_cas.errors import (
     HydraError,
     IntegrityError,
+    InvalidArgumentError,
     InvalidMetadataError,
     InvalidNameError,
     InvalidSafetensorsError,
@@ -21,6 +22,7 @@ from hydra_cas.errors import (
     LockTimeoutError,
     ManifestError,
     NotFoundError,
+    RefInUseError,
     StorageError,
     VersionExistsError,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "LoadResult",
     "HydraError",
     "IntegrityError",
+    "InvalidArgumentError",
+    "RefInUseError",
     "InvalidMetadataError",
     "InvalidNameError",
     "InvalidSafetensorsError",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra_cas import fsio
+from hydra_cas import codec, fsio
 from hydra_cas.errors import IntegrityError, ManifestError
 from hydra_cas.layout import check_oid, is_oid
 from hydra_cas.stheader import parse_header
@@ -268,8 +268,6 @@ class Archive:
         when smaller; a base whose chain is already at the depth bound is not
         used (the tensor becomes a new plain blob, a "keyframe").
         """
-        from hydra_cas import codec
-
         path = self.tensor_path(tid)
         stats.tensors += 1
         if path.is_file() and self._touch(path):
@@ -306,8 +304,6 @@ class Archive:
 
     def tensor_bytes(self, tid: str, size: int, dtype: str, *, verify: bool = True, _depth: int | None = None) -> bytearray:
         """Rebuild one tensor's raw bytes, following its delta chain (bounded)."""
-        from hydra_cas import codec
-
         try:
             with open(self.tensor_path(tid), "rb") as f:
                 # Never read more than a blob of this raw size can legitimately hold.

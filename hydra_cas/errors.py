@@ -19,6 +19,8 @@ __all__ = [
     "InvalidTensorError",
     "InvalidMetadataError",
     "InvalidSafetensorsError",
+    "InvalidArgumentError",
+    "RefInUseError",
     "ManifestError",
     "LockTimeoutError",
     "StorageError",
@@ -100,6 +102,16 @@ class InvalidMetadataError(HydraError, ValueError):
 
 class InvalidSafetensorsError(HydraError, ValueError):
     """A file claimed to be safetensors is malformed or hostile."""
+
+
+class InvalidArgumentError(HydraError, ValueError):
+    """An option has a value outside its documented set (e.g. ``verify="bogus"``)."""
+
+
+class RefInUseError(HydraError, ValueError):
+    """A version cannot be removed because aliases still point at it."""
+
+    exit_code = 4
 
 
 class ManifestError(HydraError, ValueError):

@@ -24,9 +24,11 @@ from hydra_cas.dtypes import numpy_dtype_for
 from hydra_cas.errors import (
     HydraError,
     IntegrityError,
+    InvalidArgumentError,
     InvalidNameError,
     InvalidVersionError,
     NotFoundError,
+    RefInUseError,
     StorageError,
     VersionExistsError,
 )
@@ -246,8 +248,13 @@ class Store:
                 to_write.append(i)
                 continue
             # Decide immutability by hashing alone: a refused save writes nothing.
+            entry = model["versions"][existing]
+            if entry["status"] == "broken":
+                # Saving the lost bytes again is how a user heals a broken version.
+                to_write.append(i)
+                continue
             oid, _, size = digest_stream(p.chunks())
-            results[i] = self._same_or_conflict(p.name, existing, model["versions"][existing], oid, size)
+            results[i] = self._same_or_conflict(p.name, existing, entry, oid, size)
         if not to_write:
             return [results[i] for i in range(len(pending))]
 
@@ -290,12 +297,19 @@ class Store:
                 model = doc["models"].get(p.name)
                 versions = model["versions"] if model else {}
                 same = _find_version(versions, p.key)
-                if same is not None:
+                healing = same is not None and versions[same]["status"] == "broken" and versions[same]["oid"] == w.oid
+                if same is not None and not healing:
                     outcome[i] = self._same_or_conflict(p.name, same, versions[same], w.oid, w.size)
                     continue
                 # gc deletes only under this lock, so an object seen here stays.
                 if self.objects.size_of(w.oid) != w.size:
                     raise _ObjectVanished
+                if healing:
+                    assert same is not None
+                    outcome[i] = SaveResult(p.name, same, w.oid, w.size, deduplicated=not created)
+                    records.append({"op": "put", "name": p.name, "version": same,
+                                    "entry": {**versions[same], "status": "ok"}})
+                    continue
                 entry = {
                     "oid": w.oid, "blake3": w.blake3, "size": w.size, **p.summary, "created": now,
                     "metadata": p.meta, "tier": "hot", "parent": p.parent_key, "status": "ok",
@@ -460,6 +474,7 @@ class Store:
             on_disk += size
             if oid not in all_oids:
                 orphans += size
+        stored_total = sum(all_oids.values())
         hot_oids = {e["oid"] for m in doc["models"].values() for e in m["versions"].values() if e["tier"] == "hot"}
         archived = {e["oid"]: e["size"] for m in doc["models"].values() for e in m["versions"].values()
                     if e["tier"] == "archive"}
@@ -502,7 +517,7 @@ class Store:
         that view a memory map of the object, without copying.
         """
         if verify not in VERIFY_MODES:
-            raise HydraError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+            raise InvalidArgumentError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         key, entry = self._lookup(name, version)
         ref = f"{name}:{key}"
         if entry["status"] != "ok":
@@ -515,15 +530,15 @@ class Store:
         if entry["tier"] == "archive":
             return self._load_archived(ref, entry, verify)
         oid = entry["oid"]
+        mapped = None
         try:
             if mmap:
                 mapped, digest = self.objects.map(oid, entry["size"], verify)
-                self._check_digest(ref, entry, verify, digest)
-                return _arrays_from(mapped, entry["size"], writable=False)
-            buf, digest = self.objects.read_into_buffer(oid, entry["size"], verify)
+            else:
+                buf, digest = self.objects.read_into_buffer(oid, entry["size"], verify)
         except FileNotFoundError:
             # A concurrent archive may have moved the bytes between our lookup and the open.
-            now_key, now_entry = self._lookup(name, key)
+            _, now_entry = self._lookup(name, key)
             if now_entry["tier"] == "archive" and now_entry["oid"] == oid:
                 return self._load_archived(ref, now_entry, verify)
             raise self._integrity(
@@ -531,8 +546,21 @@ class Store:
                 ref, oid,
             ) from None
         except IntegrityError as exc:
-            raise self._integrity(f"{ref}: {exc}", ref, oid, exc.expected, exc.actual) from None
-        self._check_digest(ref, entry, verify, digest)
+            # The size check fires before any hashing: report it as the checksum
+            # failure it is, with the digest that could not be matched.
+            expected = entry["blake3"] if verify == "fast" else oid
+            raise self._integrity(
+                f"checksum mismatch for {ref}: {exc} (run `hydra-cas fsck --repair`)",
+                ref, oid, expected, f"{exc.actual} bytes",
+            ) from None
+        try:
+            self._check_digest(ref, entry, verify, digest)
+        except IntegrityError:
+            if mapped is not None:
+                mapped.close()
+            raise
+        if mmap:
+            return _arrays_from(mapped, entry["size"], writable=False)
         return _arrays_from(buf, entry["size"], writable=True)
 
     def _load_archived(self, ref: str, entry: dict[str, Any], verify: str) -> dict[str, np.ndarray]:
@@ -631,7 +659,7 @@ class Store:
             key, _ = self._lookup(name, version, doc)
             aliases = sorted(a for a, v in doc["models"][name]["aliases"].items() if v == key)
             if aliases and not force:
-                raise HydraError(
+                raise RefInUseError(
                     f"{name}:{key} is the target of alias(es) {', '.join(aliases)}; remove them "
                     "first or delete with force=True (--force)"
                 )
