@@ -214,18 +214,25 @@ def validate_record(record: object, where: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- applying
 
 
-def apply_record(models: Models, record: dict[str, Any]) -> None:
+def apply_record(models: Models, record: dict[str, Any], owned: set[str] | None = None) -> None:
     """Apply one validated record to ``models`` (copying the model it touches).
 
-    Raises ManifestError when the record does not fit the state (a drop of a
-    missing version, an alias to a missing version, an oid change).
+    ``owned`` names models already copied by this caller, which are then
+    changed in place: a replay or a batch copies each model once, not once per
+    record.  Raises ManifestError when the record does not fit the state (a
+    drop of a missing version, an alias to a missing version, an oid change).
     """
     op, name = record["op"], record["name"]
     old = models.get(name)
-    model = {
-        "versions": dict(old["versions"]) if old else {},
-        "aliases": dict(old["aliases"]) if old else {},
-    }
+    if owned is not None and name in owned and old is not None:
+        model = old
+    else:
+        model = {
+            "versions": dict(old["versions"]) if old else {},
+            "aliases": dict(old["aliases"]) if old else {},
+        }
+        if owned is not None:
+            owned.add(name)
     versions, aliases = model["versions"], model["aliases"]
     seq = record.get("seq", "?")
     if op == "put":
@@ -259,8 +266,9 @@ def apply_record(models: Models, record: dict[str, Any]) -> None:
 def replay(records: list[dict[str, Any]], models: Models | None = None) -> Models:
     """Apply ``records`` in order onto ``models`` (or an empty manifest)."""
     result: Models = dict(models) if models else {}
+    owned: set[str] = set()
     for record in records:
-        apply_record(result, record)
+        apply_record(result, record, owned)
     return result
 
 
@@ -457,8 +465,9 @@ class ManifestStore:
                 seq += 1
                 stamped.append({"seq": seq, "time": now, **record})
             models = dict(doc["models"])
+            owned: set[str] = set()
             for record in stamped:
-                apply_record(models, record)
+                apply_record(models, record, owned)
             self.journal.append(stamped)
             new_doc = {"format_version": FORMAT_VERSION, "journal_seq": seq, "models": models}
             self._write(new_doc)
