@@ -96,6 +96,19 @@ class Store:
     just the process) crashes.  See docs/FORMAT.md for the layout.
     """
 
+    def __new__(cls, root: str | os.PathLike[str] = DEFAULT_STORE, *args: Any, **kwargs: Any) -> Store:
+        # Store("s3://bucket/prefix") opens the same store on S3-compatible storage.
+        text = os.fspath(root)
+        if cls is Store and text.startswith("s3://"):
+            try:
+                from hydra_cas.s3 import S3Store
+            except ImportError as exc:
+                raise HydraError(
+                    f"store {text!r} needs the S3 backend: `pip install 'hydra_cas[s3]'` ({exc})"
+                ) from None
+            return super().__new__(S3Store)
+        return super().__new__(cls)
+
     def __init__(
         self,
         root: str | os.PathLike[str] = DEFAULT_STORE,
@@ -107,8 +120,7 @@ class Store:
         text = os.fspath(root)
         if "://" in text:
             raise HydraError(
-                f"store {text!r}: remote stores are not supported by this version; "
-                "give a local directory"
+                f"store {text!r}: only local directories and s3://bucket/prefix URLs are supported"
             )
         self.root = Path(text).absolute()
         self.durable = durable
