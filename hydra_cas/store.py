@@ -195,7 +195,12 @@ class Store:
         source = Path(path)
         if source.suffix == ".npz":
             return self.save(name, key, _read_npz(source), meta, parent)
-        info = validate_file(source)
+        try:
+            info = validate_file(source)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read {source}: {exc.strerror or exc}", errno=exc.errno, path=str(source)
+            ) from None
         summary = {
             "tensors": len(info.tensors),
             "parameters": info.parameter_count,
@@ -721,7 +726,7 @@ class Store:
         version's tensors.  The archived form is rebuilt and checked against the
         SHA-256 before the hot copy is removed.
         """
-        for _ in range(_COMMIT_ATTEMPTS):
+        for attempt in range(_COMMIT_ATTEMPTS):
             doc = self.manifest.read()
             key, entry = self._lookup(name, version, doc)
             ref, oid = f"{name}:{key}", entry["oid"]
@@ -730,7 +735,11 @@ class Store:
             if entry["status"] != "ok":
                 raise IntegrityError(f"{ref} is marked broken; it cannot be archived", ref=ref, oid=oid)
             stats = ArchiveStats()
-            if not self.archive_tier.has_recipe(oid):
+            # The same bytes may be archived already (another version, or this one
+            # before a restore).  refresh() touches that form so gc's grace period
+            # protects it; an incomplete one, or a retry after a concurrent gc
+            # removed part of it, is written again (existing blobs are reused).
+            if attempt or not self.archive_tier.refresh(oid):
                 stats = self._write_archive(ref, doc, name, key, entry)
             self._verify_archived(ref, oid, entry["size"])
             try:
@@ -855,6 +864,8 @@ class Store:
             return [(name, key)] if entry["tier"] == "hot" else []
         if keep_latest is None and older_than_days is None:
             raise HydraError("choose what to archive: NAME:VERSION, --keep-latest N or --older-than DAYS")
+        if older_than_days is not None and not (older_than_days >= 0 and older_than_days != float("inf")):
+            raise InvalidArgumentError("--older-than takes a number of days, 0 or more")
         if keep_latest is not None and keep_latest < 0:
             raise HydraError("--keep-latest takes a number of versions, 0 or more")
         names = [check_name(name)] if name is not None else sorted(doc["models"])
@@ -865,7 +876,9 @@ class Store:
             if model is None:
                 raise NotFoundError(f"no model named {model_name!r} in {self.root}")
             ordered = sorted(model["versions"], key=Version)
-            keep = set(ordered[len(ordered) - keep_latest:]) if keep_latest else set()
+            # max(0, ...): with fewer versions than keep_latest a negative start
+            # would slice from the end and keep too few.
+            keep = set(ordered[max(0, len(ordered) - keep_latest):]) if keep_latest else set()
             aliased = set(model["aliases"].values())
             for key in ordered:
                 entry = model["versions"][key]
