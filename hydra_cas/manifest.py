@@ -315,7 +315,10 @@ class Journal:
         buf = b""
         while end > 0:
             start = max(0, end - self._CHUNK)
-            buf = os.pread(fd, end - start, start) + buf
+            try:
+                buf = os.pread(fd, end - start, start) + buf
+            except OSError as exc:
+                raise fsio._fail("reading the journal", self.path, exc) from exc
             end = start
             last_nl = buf.rfind(b"\n")
             if last_nl < 0:
@@ -338,6 +341,8 @@ class Journal:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            raise fsio._fail("opening the journal", self.path, exc) from exc
         try:
             return self._tail(fd, os.fstat(fd).st_size)[0]
         finally:
@@ -355,13 +360,17 @@ class Journal:
         except OSError as exc:
             raise fsio._fail("opening the journal", self.path, exc) from exc
         try:
-            size = os.fstat(fd).st_size
-            _, good_end = self._tail(fd, size)
-            if good_end != size:
-                # A crash tore the last line; it was never committed.  Drop it.
-                logger.warning("journal %s: dropping a torn last line (%d bytes)", self.path, size - good_end)
-                os.ftruncate(fd, good_end)
-            os.lseek(fd, good_end, os.SEEK_SET)
+            try:
+                size = os.fstat(fd).st_size
+                _, good_end = self._tail(fd, size)
+                if good_end != size:
+                    # A crash tore the last line; it was never committed.  Drop it.
+                    logger.warning("journal %s: dropping a torn last line (%d bytes)", self.path, size - good_end)
+                    fsio._check("truncate", self.path)
+                    os.ftruncate(fd, good_end)
+                os.lseek(fd, good_end, os.SEEK_SET)
+            except OSError as exc:
+                raise fsio._fail("preparing the journal for append", self.path, exc) from exc
             try:
                 fsio.write_all(fd, payload, self.path)
                 if self.durable:
@@ -403,6 +412,8 @@ class ManifestStore:
             st = os.stat(path)
         except FileNotFoundError:
             return self._from_journal_only()
+        except OSError as exc:
+            raise fsio._fail("reading", path, exc) from exc
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         with self._cache_lock:
             if self._cache is not None and self._cache[0] == key:

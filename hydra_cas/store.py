@@ -282,7 +282,7 @@ class Store:
                 for i in to_write:
                     w = self.objects.write_temp(pending[i].chunks())
                     intents.append(self._add_intent(w.oid, w.tmp))
-                    written[i] = (w, self.objects.publish(w))
+                    written[i] = (w, self._publish(w))
                 results.update(self._commit_puts(pending, written))
             except _ObjectVanished:
                 logger.warning("an object vanished before its ref was committed (concurrent gc); writing again")
@@ -364,18 +364,35 @@ class Store:
         return SaveResult(name, key, oid, size, deduplicated=True, unchanged=True)
 
     def _add_intent(self, oid: str, tmp: str | None) -> str:
-        fsio.makedirs(self.layout.intents)
-        fd, path = fsio.create_temp(self.layout.intents, "")
-        os.close(fd)
-        final = os.path.join(self.layout.intents, f"{oid}.{os.path.basename(path)}")
+        """Announce that a save is about to reference ``oid`` (gc keeps it).
+
+        On failure the caller's temp file is removed too: gc never touches a
+        live process's temp files, so a leak here would last as long as the
+        process, and disk-full is exactly when saves fail.
+        """
+        path = None
         try:
+            fsio.makedirs(self.layout.intents)
+            fd, path = fsio.create_temp(self.layout.intents, "")
+            os.close(fd)
+            final = os.path.join(self.layout.intents, f"{oid}.{os.path.basename(path)}")
             fsio.replace(path, final)
         except BaseException:
-            fsio.discard(path)
+            if path is not None:
+                fsio.discard(path)
             if tmp is not None:
                 fsio.discard(tmp)
             raise
         return final
+
+    def _publish(self, written: Written) -> bool:
+        """ObjectStore.publish, removing the temp file if publishing fails."""
+        try:
+            return self.objects.publish(written)
+        except BaseException:
+            if written.tmp is not None:
+                fsio.discard(written.tmp)
+            raise
 
     # ------------------------------------------------------------------ resolving
 
@@ -597,6 +614,14 @@ class Store:
                     hasher.update(chunk)
                 pos += n
         except IntegrityError as exc:
+            # A concurrent restore (and gc) may have moved the bytes back to the hot tier.
+            name, _, key = ref.rpartition(":")
+            try:
+                _, now = self._lookup(name, key)
+            except NotFoundError:
+                raise
+            if now["tier"] == "hot" and now["oid"] == oid:
+                return self.load(name, key, verify)
             raise self._integrity(f"{ref}: {exc}", ref, oid, exc.expected, exc.actual) from None
         self._check_digest(ref, entry, verify, hasher.hexdigest() if hasher is not None else None)
         return _arrays_from(buf, size, writable=True)
@@ -759,6 +784,8 @@ class Store:
         try:
             buf, digest = self.objects.read_into_buffer(oid, size, "full")
         except FileNotFoundError:
+            # Deleted (and collected) since we looked it up? Then it is simply gone.
+            self._lookup(name, key)
             raise self._integrity(f"object {oid} of {ref} is missing; run `hydra-cas fsck`", ref, oid) from None
         if digest != oid:
             raise self._integrity(
@@ -834,7 +861,7 @@ class Store:
                 )
             intent = self._add_intent(oid, written.tmp)
             try:
-                self.objects.publish(written)
+                self._publish(written)
                 self._set_tier(name, key, oid, "archive", "hot")
             except _ObjectVanished:
                 continue
