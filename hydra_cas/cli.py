@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from hydra_cas import __version__
 from hydra_cas.errors import HydraError, InvalidMetadataError, InvalidVersionError
 from hydra_cas.refs import canonical_version, check_name, split_ref
+from hydra_cas.remote import add_commands as add_remote_commands
 from hydra_cas.store import DEFAULT_STORE, Store
 
 if TYPE_CHECKING:
@@ -342,7 +343,8 @@ def cmd_demo(args: argparse.Namespace, store_path: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", default=argparse.SUPPRESS, metavar="PATH",
-                        help=f"store directory (default: $HYDRA_STORE or {DEFAULT_STORE})")
+                        help="store directory or s3://bucket/prefix "
+                             f"(default: $HYDRA_STORE or {DEFAULT_STORE})")
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="show log messages (-vv for debug)")
     parser = argparse.ArgumentParser(
@@ -414,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("restore", "bring an archived version back to the hot tier", cmd_restore)
     p.add_argument("ref", metavar="NAME:VERSION")
+
+    add_remote_commands(add)  # push, pull
 
     add("demo", "run a guided demo on the store (default ./hydra_models)", cmd_demo)
     return parser
@@ -499,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.func is cmd_save:
                 _check_source(args)
             # Only commands that write may create a store; reads of a missing store are an error.
-            creates = args.func in (cmd_save,)
+            creates = args.func in (cmd_save,) or getattr(args, "creates_store", False)
             store = Store(store_path, create=creates)
             status = int(args.func(args, store))
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit

@@ -289,7 +289,7 @@ class Store:
                 continue
             finally:
                 for intent in intents:
-                    fsio.discard(intent)
+                    self._drop_intent(intent)
             for i in to_write:
                 r = results[i]
                 logger.info("saved %s as %s (%d bytes%s)", r.ref, r.oid, r.size,
@@ -384,6 +384,10 @@ class Store:
                 fsio.discard(tmp)
             raise
         return final
+
+    def _drop_intent(self, intent: str) -> None:
+        """Remove an intent made by :meth:`_add_intent` (a backend without files overrides both)."""
+        fsio.discard(intent)
 
     def _publish(self, written: Written) -> bool:
         """ObjectStore.publish, removing the temp file if publishing fails."""
@@ -866,7 +870,7 @@ class Store:
             except _ObjectVanished:
                 continue
             finally:
-                fsio.discard(intent)
+                self._drop_intent(intent)
             logger.info("restored %s to the hot tier", ref)
             return ArchiveResult(ref, oid, entry["size"])
         raise StorageError(f"could not restore {name}:{version}: a concurrent gc kept removing it; retry")
