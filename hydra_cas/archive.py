@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra_cas import codec, fsio
+from hydra_cas.dtypes import ITEMSIZE
 from hydra_cas.errors import IntegrityError, ManifestError
 from hydra_cas.layout import check_oid, is_oid
 from hydra_cas.stheader import parse_header
@@ -88,6 +89,9 @@ class BlobHeader:
         if magic != BLOB_MAGIC or reserved != 0 or kind not in (KIND_PLAIN, KIND_XOR):
             raise IntegrityError(f"tensor blob {tid} has a bad header (not a hydra_cas tensor blob)", oid=tid)
         name = dtype.rstrip(b"\0").decode("ascii", "replace")
+        if name not in ITEMSIZE:
+            # Readers decode the frame as this dtype, so it must be one the codec knows.
+            raise IntegrityError(f"tensor blob {tid} names unknown dtype {name[:16]!r}", oid=tid)
         if kind == KIND_PLAIN:
             if depth != 0 or any(base):
                 raise IntegrityError(f"tensor blob {tid}: a plain blob must have depth 0 and no base", oid=tid)
@@ -160,6 +164,10 @@ class Recipe:
             if not (isinstance(item, list) and len(item) == 3):
                 raise IntegrityError(f"{where}: malformed tensor entry", oid=oid)
             tid, begin, end = item
+            # Exact ints only: 88.0 or true compare equal to an int and would get
+            # past the check below, then fail later as a TypeError, not an IntegrityError.
+            if type(begin) is not int or type(end) is not int:
+                raise IntegrityError(f"{where}: tensor {info.name!r} has non-integer offsets", oid=oid)
             if begin != header.data_start + info.begin or end != header.data_start + info.end:
                 raise IntegrityError(f"{where}: tensor {info.name!r} offsets disagree with the header", oid=oid)
             if (tid is None) != (begin == end) or (tid is not None and not is_oid(tid)):
@@ -253,11 +261,54 @@ class Archive:
             logger.debug("could not refresh mtime of %s: %s", path, exc)
         return True
 
+    def _touch_chain(self, tid: str) -> bool:
+        """Refresh the mtime of a blob and of each base under it; False if a link is gone or unreadable.
+
+        A blob about to be referenced again (reused, or taken as a delta base)
+        needs its whole chain inside gc's grace period: gc re-checks each file's
+        age under the lock before deleting it, and an unreferenced delta's
+        bases are as unreferenced as the delta itself.
+        """
+        for _ in range(MAX_DELTA_DEPTH + 1):
+            if not self._touch(self.tensor_path(tid)):
+                return False
+            try:
+                header = self.blob_header(tid)
+            except IntegrityError:
+                return False
+            if header.base is None:
+                return True
+            tid = header.base
+        return False  # unreachable for valid headers: depths are bounded and descend
+
+    def refresh(self, oid: str) -> bool:
+        """Touch an existing recipe and every blob it needs; False if anything is missing or unreadable.
+
+        Lets an archive reuse the archived form of the same bytes left by an
+        earlier archive (or a restored version) without gc collecting it meanwhile.
+        """
+        path = self.recipe_path(oid)
+        if not self._touch(path):
+            return False
+        try:
+            recipe = self.read_recipe(oid)
+        except IntegrityError:
+            return False
+        return all(self._touch_chain(t.tid) for t in recipe.tensors if t.tid is not None)
+
     def write_recipe(self, recipe: Recipe) -> None:
         path = self.recipe_path(recipe.oid)
-        if path.is_file() and self._touch(path):
+        data = recipe.to_json()
+        try:
+            with open(path, "rb") as f:
+                same = f.read(len(data) + 1) == data
+        except FileNotFoundError:
+            same = False
+        # A damaged recipe left in place is replaced, not reused: rebuilding
+        # from it would fail the check before commit on every later attempt.
+        if same and self._touch(path):
             return
-        self._publish(path, recipe.to_json())
+        self._publish(path, data)
 
     def put_tensor(
         self, raw: memoryview, dtype: str, tid: str, base_tid: str | None, stats: ArchiveStats
@@ -270,20 +321,24 @@ class Archive:
         """
         path = self.tensor_path(tid)
         stats.tensors += 1
-        if path.is_file() and self._touch(path):
+        if path.is_file() and self._touch_chain(tid):
             stats.reused += 1
             return
         best = codec.encode(raw, dtype)
         header = BlobHeader(KIND_PLAIN, 0, len(raw), None, dtype)
-        if base_tid is not None and base_tid != tid:
-            base_header = self.blob_header(base_tid)
-            if (base_header.depth < MAX_DELTA_DEPTH and base_header.raw_size == len(raw)
-                    and base_header.dtype == dtype):
-                base_raw = self.tensor_bytes(base_tid, len(raw), dtype)
-                delta = codec.encode(codec.xor_bytes(raw, base_raw), dtype)
-                if len(delta) < len(best):
-                    best = delta
-                    header = BlobHeader(KIND_XOR, base_header.depth + 1, len(raw), base_tid, dtype)
+        if base_tid is not None and base_tid != tid and self._touch_chain(base_tid):
+            try:
+                base_header = self.blob_header(base_tid)
+                if (base_header.depth < MAX_DELTA_DEPTH and base_header.raw_size == len(raw)
+                        and base_header.dtype == dtype):
+                    base_raw = self.tensor_bytes(base_tid, len(raw), dtype)
+                    delta = codec.encode(codec.xor_bytes(raw, base_raw), dtype)
+                    if len(delta) < len(best):
+                        best = delta
+                        header = BlobHeader(KIND_XOR, base_header.depth + 1, len(raw), base_tid, dtype)
+            except IntegrityError as exc:
+                # A damaged (or just collected) base only costs the delta.
+                logger.warning("delta base %s unusable, storing tensor %s plain: %s", base_tid, tid, exc)
         self._publish(path, header.pack(), best)
         if header.kind == KIND_XOR:
             stats.deltas += 1
@@ -315,17 +370,23 @@ class Archive:
         if len(data) > limit:
             raise IntegrityError(f"tensor blob {tid} is larger than any encoding of {size} bytes", oid=tid)
         header = BlobHeader.unpack(data, tid)
-        if header.raw_size != size or header.dtype != dtype:
+        # A tid names bytes, not a dtype: tensors of different dtypes holding the
+        # same bytes (zeros, typically) share one blob, written with the first
+        # one's dtype.  So the frame is decoded as the dtype it was made for, and
+        # the SHA-256 check makes the bytes right whatever the recipe calls them.
+        # A delta and its base are always written with one dtype, so along a
+        # chain the dtypes must agree.
+        if header.raw_size != size or (_depth is not None and header.dtype != dtype):
             raise IntegrityError(
                 f"tensor blob {tid} holds {header.raw_size} bytes of {header.dtype}, expected {size} of {dtype}",
                 oid=tid,
             )
         if _depth is not None and header.depth != _depth:
             raise IntegrityError(f"tensor blob {tid}: delta chain depths do not descend by one", oid=tid)
-        raw = codec.decode(memoryview(data)[BLOB_HEADER_SIZE:], dtype, size)
+        raw = codec.decode(memoryview(data)[BLOB_HEADER_SIZE:], header.dtype, size)
         if header.kind == KIND_XOR:
             assert header.base is not None
-            base = self.tensor_bytes(header.base, size, dtype, verify=False, _depth=header.depth - 1)
+            base = self.tensor_bytes(header.base, size, header.dtype, verify=False, _depth=header.depth - 1)
             raw = codec.xor_bytes(raw, base)
         if verify and hashlib.sha256(raw).hexdigest() != tid:
             raise IntegrityError(f"tensor blob {tid} decodes to bytes with another SHA-256", oid=tid)
@@ -335,7 +396,10 @@ class Archive:
         path = self.recipe_path(oid)
         try:
             with open(path, "rb") as f:
-                raw = f.read(_MAX_RECIPE_BYTES + 1)
+                # read(n) allocates n bytes up front, so bound it by the file's
+                # size: reading every recipe must not cost the 256 MiB limit.
+                size = os.fstat(f.fileno()).st_size
+                raw = f.read(min(size, _MAX_RECIPE_BYTES) + 1)
         except FileNotFoundError:
             raise IntegrityError(f"archive recipe for object {oid} is missing; run `hydra-cas fsck`",
                                  oid=oid) from None

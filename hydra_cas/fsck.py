@@ -10,7 +10,16 @@ The checks, in order:
    the right size with flipped bits is found only by hashing it.  Unreferenced
    objects are hashed too, because a later save of the same bytes would reuse a
    corrupt one of the right size.
-3. Files in ``objects/`` that are not objects, temp files and intents left by
+3. Every archived version (tier ``archive``): its recipe exists, parses against
+   the header it carries and records the manifest's size; every tensor blob it
+   needs, delta bases included, exists with a readable header.  Each of those
+   blobs is then decoded and re-hashed against its tid (once, however many
+   versions share it; bases before the deltas on them), and the whole payload
+   is rebuilt and hashed against the oid.  A damaged blob is reported with
+   every version that needs it, directly or through a delta chain.  Recipes and
+   blobs no archived version needs are one info finding (gc's job), but those
+   blobs are decoded too, because a later archive reuses a blob by its name.
+4. Files in ``objects/`` that are not objects, temp files and intents left by
    saves that died, and what sits in ``quarantine/``.  A temp file or intent is
    a leftover when it is over an hour old *and* the pid in its name is not a
    running process here: age alone would flag a long save of a huge model, and
@@ -22,8 +31,11 @@ and versions already marked broken, which keep failing to load until saved again
 or deleted, but which fsck has nothing more to do about.
 
 ``repair=True`` mends what it can, never deleting user data: corrupt objects go
-to ``quarantine/`` and their versions are marked ``status: "broken"`` through a
-journal ``put``; the manifest is rebuilt from the journal (or the journal
+to ``quarantine/`` and their hot versions are marked ``status: "broken"`` through a
+journal ``put``; damaged recipes and blobs go to ``quarantine/`` too, and the
+archived versions needing them are marked broken, or, when a hot copy of their
+object is still there and verifies, put back on the hot tier (``tier: "hot"``)
+instead; the manifest is rebuilt from the journal (or the journal
 re-based on the manifest) with the damaged file kept in ``quarantine/``; stale
 leftovers are removed.  The checks then run again and the exit status reflects
 what remains.
@@ -31,16 +43,20 @@ what remains.
 Bytes come back when a user saves them again: ``ObjectStore.publish`` replaces
 an object of the wrong size with the fresh, verified bytes, and republishes a
 quarantined (absent) one; a later ``fsck --repair`` then finds the versions
-marked broken intact and marks them ``ok`` again.  NOTE: ``publish`` compares
-sizes only, so a corrupt object of the right size that fsck has not yet
-quarantined is reused by a new save; and re-saving the same bytes under a
-version marked broken is a no-op (``Store.save`` sees the same oid), so that
-version heals only through another version's save or a delete and save.
+marked broken intact and marks them ``ok`` again (saving the lost bytes under
+the broken version itself heals it at once).  An archived version marked broken
+whose archived form verifies again is marked ``ok`` the same way.  NOTE:
+``publish`` compares sizes only, so a corrupt object of the right size that
+fsck has not yet quarantined is reused by a new save; likewise
+``Archive.put_tensor`` reuses a blob by its name, which is why unneeded blobs
+are decoded too.
 
 Hashing runs in a thread pool across objects (one SHA-256 cannot be split):
 hashlib releases the GIL, and on the 2-core machines we measured, threads
 verified as many bytes per second as a process pool did, without its start-up
-cost or the need to send anything to other processes.
+cost or the need to send anything to other processes.  Blobs are decoded in
+the same kind of thread pool (numpy and zstd release the GIL too), one level of
+delta depth at a time.
 """
 
 from __future__ import annotations
@@ -60,7 +76,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from hydra_cas import fsio
-from hydra_cas.errors import HydraError, ManifestError, StorageError
+from hydra_cas.archive import MAX_DELTA_DEPTH
+from hydra_cas.errors import HydraError, IntegrityError, ManifestError, StorageError
 from hydra_cas.gc import (
     DEFAULT_GRACE_PERIOD,
     find_leftovers,
@@ -73,8 +90,10 @@ from hydra_cas.manifest import FORMAT_VERSION, replay, utc_now, validate_manifes
 from hydra_cas.progress import progress_bar
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
+    from pathlib import Path
 
+    from hydra_cas.archive import Archive, BlobHeader, Recipe
     from hydra_cas.gc import Leftover
     from hydra_cas.manifest import Models
     from hydra_cas.store import Store
@@ -115,6 +134,11 @@ STRAY_FILE = "stray-file"
 STALE_TEMP = "stale-temp"
 STALE_INTENT = "stale-intent"
 QUARANTINE = "quarantine"
+ARCHIVE_RECIPE_MISSING = "archive-recipe-missing"
+ARCHIVE_RECIPE_CORRUPT = "archive-recipe-corrupt"
+ARCHIVE_BLOB_MISSING = "archive-blob-missing"
+ARCHIVE_BLOB_CORRUPT = "archive-blob-corrupt"
+ARCHIVE_ORPHAN = "archive-orphan"
 
 _REFS_KINDS = frozenset(
     {MANIFEST_MISSING, MANIFEST_UNREADABLE, JOURNAL_UNREADABLE, JOURNAL_TORN, JOURNAL_AHEAD,
@@ -178,6 +202,14 @@ class FsckReport:
     seconds: float
     workers: int
     hash_mode: str
+    archived_checked: int = 0
+    """Archived versions whose recipe and blobs were looked at."""
+    blobs_checked: int = 0
+    """Tensor blobs whose presence and header were checked."""
+    blobs_verified: int = 0
+    """Tensor blobs decoded and re-hashed (all of them, or those of a sample)."""
+    archive_bytes: int = 0
+    """Raw tensor bytes those decodes produced."""
 
     @property
     def ok(self) -> bool:
@@ -223,6 +255,10 @@ class FsckReport:
             "seconds": round(self.seconds, 3),
             "workers": self.workers,
             "hash_mode": self.hash_mode,
+            "archived_checked": self.archived_checked,
+            "blobs_checked": self.blobs_checked,
+            "blobs_verified": self.blobs_verified,
+            "archive_bytes": self.archive_bytes,
         }
         if self.repair:
             out["remaining"] = [f.to_dict() for f in self.remaining]
@@ -242,6 +278,11 @@ class FsckReport:
             f"{self.objects_hashed} objects ({human_bytes(self.bytes_hashed)}{sampled}) in "
             f"{self.seconds:.2f} s ({human_bytes(self.throughput)}/s, {self._parallelism()})",
         ]
+        if self.archived_checked or self.blobs_checked:
+            lines.append(
+                f"  checked {self.archived_checked} archived versions and {self.blobs_checked} tensor blobs; "
+                f"decoded {self.blobs_verified} blobs ({human_bytes(self.archive_bytes)})"
+            )
         shown = list(self.findings)
         if self.repair:
             # Show what the first check found, then anything new the re-check found.
@@ -387,6 +428,18 @@ class _Pass:
     objects_hashed: int = 0
     bytes_hashed: int = 0
     hash_mode: str = "inline"
+    # The archive tier: payload oid -> (kind, id) of each damage it suffers;
+    # (kind, id) -> (quarantine label, file) of damaged recipes and blobs;
+    # oids whose archived form rebuilt and verified; oids of archived versions
+    # marked broken that repair may heal; and what the archive checks did.
+    archive_bad: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    archive_quarantine: dict[tuple[str, str], tuple[str, _ObjectFile]] = field(default_factory=dict)
+    archive_verified: set[str] = field(default_factory=set)
+    archive_heal: set[str] = field(default_factory=set)
+    archived_checked: int = 0
+    blobs_checked: int = 0
+    blobs_verified: int = 0
+    archive_bytes: int = 0
 
     def add(self, kind: str, severity: str, message: str, **where: Any) -> None:
         self.findings.append(Finding(kind, severity, message, **where))
@@ -417,18 +470,54 @@ def _ref_diff(a: Models, b: Models) -> list[str]:
     return diff
 
 
-def _check_refs(store: Store, p: _Pass) -> None:
-    """Manifest and journal: readable, valid, and telling the same story."""
-    layout = store.layout
-    manifest_path, journal_path = str(layout.manifest), str(layout.journal)
-    problem = None
+def _read_refs_files(
+    store: Store, manifest_path: str
+) -> tuple[bytes, str | None, tuple[list[dict[str, Any]], bool] | Exception]:
+    """The manifest's bytes (or why not) and the journal's records (or the error)."""
+    raw, error = b"", None
     try:
         with open(manifest_path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        p.manifest_state = "missing"
+        error = "missing"
     except OSError as exc:
-        problem = f"cannot be read ({exc.strerror})"
+        error = f"cannot be read ({exc.strerror})"
+    journal: tuple[list[dict[str, Any]], bool] | Exception
+    try:
+        journal = store.manifest.journal.read()
+    except (ManifestError, StorageError) as exc:
+        journal = exc
+    return raw, error, journal
+
+
+def _check_refs(store: Store, p: _Pass, *, locked: bool = False) -> None:
+    """Manifest and journal: readable, valid, and telling the same story.
+
+    ``locked``: the caller already holds the store lock (flock is not re-entrant).
+    """
+    layout = store.layout
+    manifest_path, journal_path = str(layout.manifest), str(layout.journal)
+    problem = None
+    # Read both files under the lock: a commit between the two reads would look
+    # exactly like a crash between the journal and manifest writes.  A store we
+    # cannot lock (read-only media) is read without it.
+    lock = store.manifest.lock()
+    held = False
+    if not locked:
+        try:
+            lock.__enter__()
+            held = True
+        except HydraError as exc:
+            logger.debug("fsck reads without the store lock: %s", exc)
+    try:
+        raw, raw_error, journal_read = _read_refs_files(store, manifest_path)
+    finally:
+        if held:
+            lock.__exit__(None, None, None)
+    if raw_error == "missing":
+        p.manifest_state = "missing"
+    elif raw_error is not None:
+        problem = raw_error
     else:
         try:
             doc = json.loads(raw)
@@ -445,11 +534,10 @@ def _check_refs(store: Store, p: _Pass) -> None:
     journal_problem = None
     before: Models = {}  # the journal replayed up to the manifest's journal_seq (or all of it)
     full: Models | None = None
-    try:
-        read, p.torn = store.manifest.journal.read()
-    except (ManifestError, StorageError) as exc:
-        journal_problem = str(exc)
+    if isinstance(journal_read, Exception):
+        journal_problem = str(journal_read)
     else:
+        read, p.torn = journal_read
         # One replay serves both comparisons: replaying copies each touched model per record.
         cut = min(p.doc["journal_seq"], len(read)) if p.doc is not None else len(read)
         try:
@@ -590,8 +678,8 @@ def _check_presence(
             p.corrupt[oid] = (OBJECT_SIZE, obj)
             p.add(OBJECT_SIZE, ERROR,
                   f"object {oid} has {obj.size} bytes, the manifest records {expected}: truncated or "
-                  "damaged; `--repair` moves it to quarantine/ and marks its versions broken",
-                  path=obj.path, oid=oid, refs=tuple(r.label for r in refs))
+                  "damaged; `--repair` moves it to quarantine/ and marks its hot versions broken",
+                  path=obj.path, oid=oid, refs=_hot_labels(refs))
             continue
         to_hash.append(obj)
     return to_hash
@@ -641,21 +729,33 @@ def _check_hashes(
             p.add(OBJECT_UNREADABLE, ERROR,
                   f"object {f.oid} cannot be read ({error}); check the disk and permissions, then "
                   "run fsck again",
-                  path=f.path, oid=f.oid, refs=tuple(r.label for r in refs))
+                  path=f.path, oid=f.oid, refs=_hot_labels(refs))
         elif digest != f.oid:
             p.corrupt[f.oid] = (OBJECT_HASH, f)
+            labels = _hot_labels(refs)
             p.add(OBJECT_HASH, ERROR,
                   f"object {f.oid} hashes to {digest}: its bytes are corrupt; `--repair` moves it to "
-                  "quarantine/" + (" and marks its versions broken" if refs else ""),
-                  path=f.path, oid=f.oid, refs=tuple(r.label for r in refs))
+                  "quarantine/" + (" and marks its versions broken" if labels else ""),
+                  path=f.path, oid=f.oid, refs=labels)
         else:
             p.intact[f.oid] = f
 
 
+def _hot_labels(refs: Iterable[_Ref]) -> tuple[str, ...]:
+    """The hot versions among ``refs``: those an object's damage affects.
+
+    Archived versions have their own bytes, judged by :func:`_check_archive`.
+    """
+    return tuple(r.label for r in refs if r.entry["tier"] == "hot")
+
+
 def _note_broken_refs(p: _Pass, objects: dict[str, _ObjectFile], by_oid: dict[str, list[_Ref]]) -> None:
-    """Versions already marked broken whose object is present (missing ones were reported)."""
+    """Hot versions already marked broken whose object is present (missing ones were reported).
+
+    Archived versions marked broken are judged by :func:`_check_archive`.
+    """
     for oid, refs in by_oid.items():
-        broken = [r.label for r in refs if r.entry["status"] != "ok"]
+        broken = [r.label for r in refs if r.entry["status"] != "ok" and r.entry["tier"] == "hot"]
         if not broken or oid in p.corrupt or oid in p.missing:
             continue
         if oid in p.intact:
@@ -704,6 +804,407 @@ def _confirm_missing(store: Store, p: _Pass) -> None:
             p.findings = [f for f in p.findings if not (f.kind == OBJECT_MISSING and f.oid == oid)]
 
 
+# ---------------------------------------------------------------------- the archive tier
+
+
+@dataclass(slots=True)
+class _Blob:
+    """One tensor blob met while walking the archive, and what became of it."""
+
+    tid: str
+    path: str
+    file: _ObjectFile | None = None
+    header: BlobHeader | None = None
+    status: str = "unchecked"  # "ok", "missing", "corrupt", "base-bad" (judged by its base) or "unchecked"
+    reason: str = ""
+
+
+def _walk_blobs(archive: Archive, roots: Iterable[str], blobs: dict[str, _Blob]) -> None:
+    """Stat and read the header of every blob ``roots`` need, following delta bases (bounded by depth)."""
+    stack = list(roots)
+    while stack:
+        tid = stack.pop()
+        if tid in blobs:
+            continue
+        path = archive.tensor_path(tid)
+        blob = blobs[tid] = _Blob(tid, str(path))
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            blob.status, blob.reason = "missing", "is missing"
+            continue
+        blob.file = _ObjectFile(tid, str(path), st.st_size, st.st_ino, st.st_mtime_ns)
+        try:
+            blob.header = archive.blob_header(tid)
+        except IntegrityError as exc:
+            if not os.path.lexists(path):
+                blob.status, blob.reason = "missing", "is missing"
+            else:
+                blob.status, blob.reason = "corrupt", str(exc)
+            continue
+        if blob.header.base is not None:
+            stack.append(blob.header.base)
+
+
+def _chain(blobs: dict[str, _Blob], tid: str) -> list[str]:
+    """``tid`` and the bases under it, as far as the walk could read them."""
+    chain = [tid]
+    for _ in range(MAX_DELTA_DEPTH):
+        header = blobs[chain[-1]].header
+        if header is None or header.base is None or header.base in chain:
+            break
+        chain.append(header.base)
+    return chain
+
+
+def _pool_map(fn: Callable[[Any], Any], items: list[Any], weight: int, workers: int) -> list[Any]:
+    """``[fn(x) for x in items]``, in a thread pool when there is enough work.
+
+    Decoding runs in numpy and zstd and hashing in hashlib, which release the GIL.
+    """
+    if workers <= 1 or len(items) <= 1 or weight < _POOL_MIN_BYTES:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix="hydra-fsck") as pool:
+        return list(pool.map(fn, items))
+
+
+def _verify_blobs(
+    archive: Archive, blobs: dict[str, _Blob], chosen: set[str], workers: int, bar: Any
+) -> tuple[int, int]:
+    """Decode and re-hash each chosen blob, bases before deltas; (blobs decoded, raw bytes).
+
+    A delta is judged only once its base verified: when the base is bad, the
+    delta is "base-bad", affected but not itself known to be damaged.
+    """
+    count = total = 0
+    levels: dict[int, list[_Blob]] = {}
+    for tid in chosen:
+        blob = blobs[tid]
+        if blob.status == "unchecked" and blob.header is not None:
+            levels.setdefault(blob.header.depth, []).append(blob)
+
+    def verify(blob: _Blob) -> tuple[str, str]:
+        header = blob.header
+        assert header is not None
+        try:
+            archive.tensor_bytes(blob.tid, header.raw_size, header.dtype, verify=True)
+        except IntegrityError as exc:
+            if not os.path.lexists(blob.path):
+                return "missing", "is missing"
+            if any(not os.path.lexists(blobs[b].path) for b in _chain(blobs, blob.tid)[1:]):
+                # A base collected while we read (an unneeded chain, or a restore
+                # and gc meanwhile): the delta is not known to be damaged.
+                return "base-bad", "a delta base vanished while it was checked"
+            return "corrupt", str(exc)
+        return "ok", ""
+
+    for depth in sorted(levels):
+        todo = []
+        for blob in levels[depth]:
+            header = blob.header
+            assert header is not None
+            base = blobs.get(header.base) if header.base is not None else None
+            if base is not None and base.status in ("missing", "corrupt", "base-bad"):
+                blob.status, blob.reason = "base-bad", f"its delta base {base.tid} is damaged"
+                continue
+            todo.append(blob)
+        weight = sum(b.header.raw_size for b in todo if b.header is not None)
+        for blob, (status, reason) in zip(todo, _pool_map(verify, todo, weight, workers), strict=True):
+            blob.status, blob.reason = status, reason
+            size = blob.header.raw_size if blob.header is not None else 0
+            count += 1
+            total += size
+            bar.update(size)
+    return count, total
+
+
+def _rebuild(archive: Archive, recipe: Recipe) -> tuple[str | None, int, str]:
+    """(SHA-256, size, problem) of the payload a recipe rebuilds; the digest is None on failure."""
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        for chunk in archive.iter_payload(recipe, verify_tensors=False):
+            sha.update(chunk)
+            size += len(chunk)
+    except IntegrityError as exc:
+        return None, size, str(exc)
+    return sha.hexdigest(), size, ""
+
+
+def _file_of(ident: str, path: Path) -> _ObjectFile | None:
+    """What fsck saw of a file, to move it aside later only if it is still that file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return _ObjectFile(ident, str(path), st.st_size, st.st_ino, st.st_mtime_ns)
+
+
+class _ArchiveCheck:
+    """One pass over the archive tier; each damage is reported with the versions it breaks."""
+
+    def __init__(self, store: Store, p: _Pass, models: Models) -> None:
+        self.store = store
+        self.archive = store.archive_tier
+        self.p = p
+        self.archived: dict[str, list[_Ref]] = {}
+        for oid, refs in _refs_by_oid(models).items():
+            on_tier = [r for r in refs if r.entry["tier"] == "archive"]
+            if on_tier:
+                self.archived[oid] = on_tier
+        self.affected: dict[tuple[str, str], set[str]] = {}  # (kind, id) of a damage -> payload oids
+        self.recipes: dict[str, Recipe] = {}
+        self.blobs: dict[str, _Blob] = {}
+        self.closure: dict[str, set[str]] = {}  # payload oid -> every tid it needs, bases included
+
+    def damage(self, kind: str, ident: str, oids: Iterable[str], message: str, path: str,
+               quarantine: _ObjectFile | None = None, label: str = "") -> None:
+        p = self.p
+        oids = sorted(set(oids))
+        refs = sorted((r for oid in oids for r in self.archived.get(oid, ())),
+                      key=lambda r: (r.name, r.version))
+        if not refs and kind == ARCHIVE_BLOB_MISSING:
+            return  # an unneeded blob collected by a concurrent gc
+        unmarked = [r for r in refs if r.entry["status"] == "ok"]
+        severity = ERROR if unmarked or not refs else INFO
+        if refs and not unmarked:
+            message = f"marked broken: {message}"
+            if quarantine is not None:
+                # Set aside even so: a damaged recipe left in place would hide
+                # from gc which blobs it needs and stop the archive sweep.
+                message += "; `--repair` moves it to quarantine/"
+        elif quarantine is not None:
+            message += "; `--repair` moves it to quarantine/" + (
+                " and marks the versions needing it broken (or brings them back to the hot tier when "
+                "their hot copy verifies)" if refs else "")
+        else:
+            message += ("; `--repair` marks the versions needing it broken (or brings them back to the "
+                        "hot tier when their hot copy verifies)")
+        p.add(kind, severity, message, path=path, oid=ident, refs=tuple(r.label for r in refs))
+        key = (kind, ident)
+        self.affected[key] = set(oids)
+        if quarantine is not None:
+            p.archive_quarantine[key] = (label, quarantine)
+        if unmarked:
+            for oid in oids:
+                p.archive_bad.setdefault(oid, set()).add(key)
+
+    def read_recipes(self) -> None:
+        """Each recipe must exist, parse against its own header, and match the manifest's size."""
+        for oid in sorted(self.archived):
+            path = self.archive.recipe_path(oid)
+            label = f"archive-recipe.{oid}"
+            try:
+                recipe = self.archive.read_recipe(oid)
+            except IntegrityError as exc:
+                seen = _file_of(oid, path)
+                if seen is None:
+                    self.damage(ARCHIVE_RECIPE_MISSING, oid, [oid],
+                                f"archive recipe of object {oid} is missing", str(path))
+                else:
+                    self.damage(ARCHIVE_RECIPE_CORRUPT, oid, [oid],
+                                f"archive recipe of object {oid} is damaged: {exc}", str(path), seen, label)
+                continue
+            sizes = {r.entry["size"] for r in self.archived[oid]}
+            if sizes != {recipe.size}:
+                recorded = "/".join(str(s) for s in sorted(sizes))
+                self.damage(ARCHIVE_RECIPE_CORRUPT, oid, [oid],
+                            f"archive recipe of object {oid} rebuilds {recipe.size} bytes, the manifest "
+                            f"records {recorded}", str(path), _file_of(oid, path), label)
+                continue
+            self.recipes[oid] = recipe
+
+    def walk(self) -> set[str]:
+        """Every chain from the readable recipes, then from the blobs nothing needs; the latter's ids."""
+        tids = (t.tid for r in self.recipes.values() for t in r.tensors if t.tid is not None)
+        _walk_blobs(self.archive, tids, self.blobs)
+        orphans = {tid for tid, _ in self.archive.iter_files("tensors")} - set(self.blobs)
+        _walk_blobs(self.archive, orphans, self.blobs)
+        self.p.blobs_checked = len(self.blobs)
+        for oid, recipe in self.recipes.items():
+            self.closure[oid] = {
+                tid for t in recipe.tensors if t.tid is not None for tid in _chain(self.blobs, t.tid)
+            }
+        return orphans
+
+    def judge_blobs(self) -> None:
+        users: dict[str, set[str]] = {}
+        for oid, tids in self.closure.items():
+            for tid in tids:
+                users.setdefault(tid, set()).add(oid)
+        for tid, blob in sorted(self.blobs.items()):
+            if blob.status == "missing":
+                self.damage(ARCHIVE_BLOB_MISSING, tid, users.get(tid, ()), f"tensor blob {tid} is missing",
+                            blob.path)
+            elif blob.status == "corrupt":
+                self.damage(ARCHIVE_BLOB_CORRUPT, tid, users.get(tid, ()),
+                            f"tensor blob {tid} is damaged: {blob.reason}", blob.path, blob.file,
+                            f"archive-blob.{tid}")
+
+    def rebuild_payloads(self, chosen: list[str], workers: int) -> None:
+        """Rebuild and hash the chosen payloads whose blobs all verified."""
+        whole = [oid for oid in chosen if all(self.blobs[t].status == "ok" for t in self.closure[oid])]
+        weight = sum(self.recipes[oid].size for oid in whole)
+        rebuilt = _pool_map(lambda oid: _rebuild(self.archive, self.recipes[oid]), whole, weight, workers)
+        for oid, (digest, size, problem) in zip(whole, rebuilt, strict=True):
+            if digest == oid and size == self.recipes[oid].size:
+                self.p.archive_verified.add(oid)
+                continue
+            path = self.archive.recipe_path(oid)
+            seen = _file_of(oid, path)
+            if seen is None:
+                continue  # restored and collected meanwhile; _confirm_archive judges the refs again
+            why = problem or f"rebuilds to {size} bytes with SHA-256 {digest}"
+            self.damage(ARCHIVE_RECIPE_CORRUPT, oid, [oid],
+                        f"archive recipe of object {oid} names blobs that verify, but the payload {why}",
+                        str(path), seen, f"archive-recipe.{oid}")
+
+
+def _check_archive(store: Store, p: _Pass, sample: float | None, workers: int, progress: bool) -> None:
+    """Recipes and tensor blobs of every archived version: present, readable, decoding to their ids.
+
+    Presence and headers are checked for every archived version; decoding and
+    the rebuild of the whole payload for all of them, or a ``sample`` share.
+    NOTE: decoding always runs in threads, even in ``mode="processes"``: a
+    blob's chain would have to be read again in every process that needs it.
+    """
+    if p.models is None:
+        return
+    run = _ArchiveCheck(store, p, p.models)
+    p.archived_checked = sum(len(refs) for refs in run.archived.values())
+    run.read_recipes()
+    orphans = run.walk()
+
+    chosen, orphans_chosen = list(run.recipes), sorted(orphans)
+    if sample is not None and sample < 100:
+        chosen = _sampled(chosen, sample)
+        orphans_chosen = _sampled(orphans_chosen, sample)
+    to_verify = {tid for oid in chosen for tid in run.closure[oid]}
+    to_verify |= {tid for t in orphans_chosen for tid in _chain(run.blobs, t)}
+    headers = [h for h in (run.blobs[t].header for t in to_verify) if h is not None]
+    bar = progress_bar(sum(h.raw_size for h in headers), "fsck archive",
+                       enabled=progress and bool(to_verify), unit="B")
+    try:
+        p.blobs_verified, p.archive_bytes = _verify_blobs(run.archive, run.blobs, to_verify, workers, bar)
+    finally:
+        bar.close()
+    run.judge_blobs()
+    run.rebuild_payloads(chosen, workers)
+
+    _note_archived_broken(store, p, run.archived, {oid for oids in run.affected.values() for oid in oids})
+    _note_archive_orphans(store, p, set(run.archived), set(run.blobs) - orphans)
+    _confirm_archive(store, p, run.affected)
+
+
+def _sampled(items: list[str], percent: float) -> list[str]:
+    return random.sample(items, math.ceil(len(items) * percent / 100)) if items else []
+
+
+def _note_archived_broken(store: Store, p: _Pass, archived: dict[str, list[_Ref]], damaged: set[str]) -> None:
+    """Archived versions marked broken: healable (archived form or hot copy verifies) or not.
+
+    ``damaged`` holds the oids a damage finding already names.
+    """
+    for oid, refs in sorted(archived.items()):
+        broken = tuple(r.label for r in refs if r.entry["status"] != "ok")
+        if not broken:
+            continue
+        if oid in p.archive_verified:
+            p.archive_heal.add(oid)
+            p.add(BROKEN_REF_INTACT, INFO,
+                  f"marked broken, but the archived form of object {oid} rebuilds and verifies; "
+                  "`--repair` marks them ok again", oid=oid, refs=broken)
+        elif _hot_copy_verifies(store, p, oid):
+            p.archive_heal.add(oid)
+            p.add(BROKEN_REF_INTACT, INFO,
+                  f"marked broken, but a hot copy of object {oid} verifies; `--repair` brings them back "
+                  "to the hot tier", oid=oid, refs=broken)
+        elif oid not in damaged:
+            p.add(BROKEN_REF, INFO,
+                  f"marked broken; the archived form of object {oid} was not verified in this sampled run",
+                  oid=oid, refs=broken)
+    # Damaged archived forms whose hot copy survives: hash that copy (even
+    # outside a sample) so repair can bring the versions back instead.
+    for oid in sorted(p.archive_bad):
+        _hot_copy_verifies(store, p, oid)
+
+
+def _hot_copy_verifies(store: Store, p: _Pass, oid: str) -> bool:
+    """Whether the object file of ``oid`` exists and hashes to it (recorded in ``p.intact``)."""
+    if oid in p.intact:
+        return True
+    if oid in p.corrupt:
+        return False
+    path = str(store.layout.oid_to_path(oid))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    digest, size, _ = sha256_file(path)
+    p.objects_hashed += 1
+    p.bytes_hashed += size
+    if digest != oid:
+        return False
+    p.intact[oid] = _ObjectFile(oid, path, st.st_size, st.st_ino, st.st_mtime_ns)
+    return True
+
+
+def _note_archive_orphans(store: Store, p: _Pass, archived: set[str], needed: set[str]) -> None:
+    """One info finding for recipes and blobs no archived version needs (gc's job)."""
+    count = {"recipes": 0, "tensors": 0}
+    size = 0
+    archive = store.archive_tier
+    for which, live in (("recipes", archived), ("tensors", needed)):
+        for ident, path in archive.iter_files(which):
+            if ident in live:
+                continue
+            try:
+                size += os.lstat(path).st_size
+            except FileNotFoundError:
+                continue
+            count[which] += 1
+    if count["recipes"] or count["tensors"]:
+        p.add(ARCHIVE_ORPHAN, INFO,
+              f"archive/ holds {count['recipes']} recipes and {count['tensors']} tensor blobs "
+              f"({human_bytes(size)}) no archived version needs; `hydra-cas gc` deletes them once they "
+              "are older than the grace period", path=str(store.layout.archive))
+
+
+def _confirm_archive(store: Store, p: _Pass, affected: dict[tuple[str, str], set[str]]) -> None:
+    """Drop archive damage that a concurrent restore (and gc) explains.
+
+    fsck reads the refs once, without the lock; a version restored to the hot
+    tier since no longer needs its archived form, which gc may have removed,
+    and a file missing then may have been written again by a new archive.
+    """
+    if not affected or p.doc is None:
+        return
+    try:
+        now = _refs_by_oid(store.manifest.read()["models"])
+    except HydraError:
+        return
+    still = {oid for oid, refs in now.items() if any(r.entry["tier"] == "archive" for r in refs)}
+    archive = store.archive_tier
+    gone: set[tuple[str, str]] = set()
+    for key, oids in affected.items():
+        kind, ident = key
+        if oids and not oids & still:
+            gone.add(key)
+        elif kind == ARCHIVE_RECIPE_MISSING and archive.has_recipe(ident):
+            gone.add(key)  # archived again meanwhile
+        elif kind == ARCHIVE_BLOB_MISSING and os.path.lexists(archive.tensor_path(ident)):
+            gone.add(key)
+    if not gone:
+        return
+    p.findings = [f for f in p.findings if (f.kind, f.oid or "") not in gone]
+    for key in gone:
+        p.archive_quarantine.pop(key, None)
+    for oid in list(p.archive_bad):
+        p.archive_bad[oid] -= gone
+        if not p.archive_bad[oid]:
+            del p.archive_bad[oid]
+
+
 def _check_files(store: Store, p: _Pass) -> None:
     """Stray entries in objects/, leftovers of dead saves, and the quarantine."""
     for path in p.stray:
@@ -743,6 +1244,7 @@ def _run_checks(
     _check_refs(store, p)
     _check_objects(store, p, sample, workers, mode, progress, cache)
     _confirm_missing(store, p)
+    _check_archive(store, p, sample, workers, progress)
     _check_files(store, p)
     return p
 
@@ -822,7 +1324,7 @@ def _repair_refs(store: Store, fixed: set[tuple[str, str]]) -> None:
     manifest_path, journal_path = str(layout.manifest), str(layout.journal)
     with store.manifest.lock():
         q = _Pass()
-        _check_refs(store, q)
+        _check_refs(store, q, locked=True)
         kinds = {f.kind for f in q.findings}
         if not kinds & _REFS_KINDS:
             return
@@ -880,10 +1382,6 @@ def _repair_refs(store: Store, fixed: set[tuple[str, str]]) -> None:
         fixed.update({(k, journal_path) for k in (JOURNAL_AHEAD, JOURNAL_BEHIND, JOURNAL_MISMATCH)})
 
 
-def _put_status(ref: _Ref, status: str) -> dict[str, Any]:
-    return {"op": "put", "name": ref.name, "version": ref.version, "entry": {**ref.entry, "status": status}}
-
-
 def _same_file(obj: _ObjectFile) -> bool | None:
     """Whether ``obj.path`` is still the file fsck checked (None: it is gone).
 
@@ -896,8 +1394,27 @@ def _same_file(obj: _ObjectFile) -> bool | None:
     return st.st_ino == obj.ino and st.st_size == obj.size
 
 
+class _Changes:
+    """Version records one repair commit changes, each put once however many fixes touch it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[_Ref, dict[str, Any]]] = {}
+
+    def set(self, ref: _Ref, **fields: str) -> None:
+        key = (ref.name, ref.version)
+        _, entry = self._entries.setdefault(key, (ref, dict(ref.entry)))
+        entry.update(fields)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [
+            {"op": "put", "name": ref.name, "version": ref.version, "entry": entry}
+            for ref, entry in self._entries.values()
+            if entry != ref.entry
+        ]
+
+
 def _repair_objects(store: Store, p: _Pass, fixed: set[tuple[str, str]]) -> None:
-    """Quarantine corrupt objects and mark (or un-mark) versions broken, in one commit."""
+    """Quarantine corrupt objects and archive files and mark (or un-mark) versions broken, in one commit."""
     done: set[tuple[str, str]] = set()
 
     def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -906,7 +1423,7 @@ def _repair_objects(store: Store, p: _Pass, fixed: set[tuple[str, str]]) -> None
         # of the refs and the move.
         done.clear()
         by_oid = _refs_by_oid(doc["models"])
-        records: list[dict[str, Any]] = []
+        changes = _Changes()
         for oid, (kind, obj) in sorted(p.corrupt.items()):
             same = _same_file(obj)
             if same is False:
@@ -914,26 +1431,75 @@ def _repair_objects(store: Store, p: _Pass, fixed: set[tuple[str, str]]) -> None
             if same:
                 _quarantine(store, obj.path, oid)
             done.add((kind, oid))
-            records += [_put_status(r, "broken") for r in by_oid.get(oid, ()) if r.entry["status"] == "ok"]
+            for r in by_oid.get(oid, ()):
+                if r.entry["tier"] == "hot" and r.entry["status"] == "ok":
+                    changes.set(r, status="broken")
         for oid in sorted(p.missing):
             if os.path.lexists(store.layout.oid_to_path(oid)):
                 continue  # saved again meanwhile
             done.add((OBJECT_MISSING, oid))
-            hot = [r for r in by_oid.get(oid, ()) if r.entry["tier"] == "hot" and r.entry["status"] == "ok"]
-            records += [_put_status(r, "broken") for r in hot]
+            for r in by_oid.get(oid, ()):
+                if r.entry["tier"] == "hot" and r.entry["status"] == "ok":
+                    changes.set(r, status="broken")
         for oid, obj in sorted(p.intact.items()):
-            broken = [r for r in by_oid.get(oid, ()) if r.entry["status"] != "ok"]
+            broken = [r for r in by_oid.get(oid, ())
+                      if r.entry["status"] != "ok" and r.entry["tier"] == "hot"]
             if broken and _same_file(obj):
                 done.add((BROKEN_REF_INTACT, oid))
-                records += [_put_status(r, "ok") for r in broken]
-        return records
+                for r in broken:
+                    changes.set(r, status="ok")
+        _repair_archive(store, p, by_oid, changes, done)
+        return changes.records()
 
-    if p.corrupt or p.missing or any(f.kind == BROKEN_REF_INTACT for f in p.findings):
+    wanted = (p.corrupt or p.missing or p.archive_bad or p.archive_quarantine or p.archive_heal
+              or any(f.kind == BROKEN_REF_INTACT for f in p.findings))
+    if wanted:
         store.manifest.commit(plan)
         fixed.update(done)
         for f in p.findings:
             if _is_fixed(f, done) and f.refs:
                 logger.warning("fsck: %s: marked %s", f.kind, ", ".join(f.refs))
+
+
+def _repair_archive(
+    store: Store, p: _Pass, by_oid: dict[str, list[_Ref]], changes: _Changes, done: set[tuple[str, str]]
+) -> None:
+    """Under the lock: quarantine damaged recipes and blobs; mark, heal or bring back archived versions."""
+    for (kind, ident), (label, obj) in sorted(p.archive_quarantine.items()):
+        same = _same_file(obj)
+        if same is False:
+            continue  # an archive replaced it with fresh bytes; the re-check decodes them
+        if same:
+            _quarantine(store, obj.path, label)
+        done.add((kind, ident))
+
+    def hot_copy_ok(oid: str) -> bool:
+        obj = p.intact.get(oid)
+        return obj is not None and bool(_same_file(obj))
+
+    for oid, damage in sorted(p.archive_bad.items()):
+        archived = [r for r in by_oid.get(oid, ()) if r.entry["tier"] == "archive"]
+        # The hot copy verified, so it is a whole version by itself: bring the
+        # versions back to the hot tier rather than lose them.
+        restore = hot_copy_ok(oid)
+        for r in archived:
+            if restore:
+                changes.set(r, tier="hot", status="ok")
+            elif r.entry["status"] == "ok":
+                changes.set(r, status="broken")
+        done.update(damage)
+    for oid in sorted(p.archive_heal):
+        broken = [r for r in by_oid.get(oid, ())
+                  if r.entry["tier"] == "archive" and r.entry["status"] != "ok"]
+        if oid in p.archive_verified:
+            for r in broken:
+                changes.set(r, status="ok")
+        elif hot_copy_ok(oid):
+            for r in broken:
+                changes.set(r, tier="hot", status="ok")
+        else:
+            continue
+        done.add((BROKEN_REF_INTACT, oid))
 
 
 def _repair_files(store: Store, p: _Pass, fixed: set[tuple[str, str]]) -> None:
@@ -960,9 +1526,11 @@ def check(
 ) -> FsckReport:
     """Check ``store``; with ``repair=True`` mend it and check again.
 
-    ``sample`` (0 < PCT <= 100) hashes that share of the objects, chosen at
-    random; sizes and existence are always checked for all.  ``workers`` hash
-    in parallel (default: the usable cores).  ``mode`` is ``"threads"`` (the
+    ``sample`` (0 < PCT <= 100) hashes that share of the objects, and decodes
+    that share of the archived versions (and of the unneeded blobs), chosen at
+    random; sizes, existence and blob headers are always checked for all.
+    ``workers`` hash and decode in parallel (default: the usable cores).
+    ``mode`` is ``"threads"`` (the
     default: hashlib releases the GIL, and they were as fast as processes in our
     measurements, without start-up cost) or ``"processes"`` (spawned workers
     that receive only file paths; a script using it needs the usual
@@ -1019,6 +1587,10 @@ def check(
         seconds=time.perf_counter() - started,
         workers=workers,
         hash_mode=first.hash_mode,
+        archived_checked=first.archived_checked,
+        blobs_checked=first.blobs_checked,
+        blobs_verified=first.blobs_verified + (final.blobs_verified if repair else 0),
+        archive_bytes=first.archive_bytes + (final.archive_bytes if repair else 0),
     )
     logger.info(
         "fsck of %s: %d findings, %d remaining problems, %d objects (%d bytes) hashed in %.2f s",

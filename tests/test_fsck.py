@@ -397,3 +397,137 @@ def test_objects_without_any_refs_file_fail_instead_of_looking_orphaned(store: S
     assert "backup" in only(report, "manifest-missing").message
     assert not any(f.kind == "orphan" for f in report.findings)
     assert len(list(store.layout.iter_objects())) == 3
+
+
+# ---------------------------------------------------------------------- the archive tier
+
+
+@pytest.fixture
+def archived(tmp_path: Path) -> Store:
+    """Ten archived versions of ``m``, one independent tensor each (plain blobs, no deltas)."""
+    s = Store(tmp_path / "archived", durable=False)
+    for i in range(10):
+        s.save("m", f"1.{i}", tensors(100 + i, 256))
+        s.archive("m", f"1.{i}")
+    return s
+
+
+def blob_path(store: Store, version: str) -> Path:
+    recipe = store.archive_tier.read_recipe(store.info("m", version).oid)
+    tid = next(t.tid for t in recipe.tensors if t.tid is not None)
+    assert tid is not None
+    return store.archive_tier.tensor_path(tid)
+
+
+def test_archived_versions_are_checked_and_a_sample_decodes_a_share(archived: Store) -> None:
+    full = archived.fsck()
+    assert full.exit_code == 0 and full.findings == ()
+    assert (full.archived_checked, full.blobs_checked, full.blobs_verified) == (10, 10, 10)
+    assert full.archive_bytes == 10 * 256 * 4
+    assert "checked 10 archived versions and 10 tensor blobs" in full.render()
+    data = json.loads(json.dumps(full.to_dict()))
+    assert data["blobs_verified"] == 10
+    sampled = archived.fsck(sample=30)
+    assert sampled.blobs_verified == 3 and sampled.blobs_checked == 10
+    # Presence is checked for all, whatever the sample.
+    damage(blob_path(archived, "1.4"), "missing")
+    assert only(archived.fsck(sample=10), "archive-blob-missing").refs == ("m:1.4",)
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_pools_find_the_same_archive_damage(
+    archived: Store, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fsck_module, "_POOL_MIN_BYTES", 0)
+    damage(blob_path(archived, "1.7"), "flip")
+    report = check(archived, workers=2, mode=mode)
+    assert kinds(report) == {"archive-blob-corrupt": 1}
+    assert only(report, "archive-blob-corrupt").refs == ("m:1.7",)
+
+
+@pytest.mark.parametrize("how", ["missing", "truncate"])
+def test_a_missing_or_truncated_recipe_is_an_error_and_repair_marks_the_version_broken(
+    archived: Store, how: str,
+) -> None:
+    oid = archived.info("m", "1.2").oid
+    damage(archived.archive_tier.recipe_path(oid), how)
+    kind = "archive-recipe-missing" if how == "missing" else "archive-recipe-corrupt"
+    finding = only(archived.fsck(), kind)
+    assert finding.severity == "error" and finding.refs == ("m:1.2",) and finding.oid == oid
+    report = archived.fsck(repair=True)
+    assert report.exit_code == 0 and archived.info("m", "1.2").status == "broken"
+    assert [f.severity for f in report.remaining if f.oid == oid] == ["info"]
+
+
+def test_a_recipe_that_disagrees_with_the_manifest_size_is_corrupt(archived: Store) -> None:
+    entry = archived.manifest.read()["models"]["m"]["versions"]["1.3"]
+    archived.manifest.commit(lambda doc: [{"op": "put", "name": "m", "version": "1.3",
+                                           "entry": {**entry, "size": entry["size"] + 8}}])
+    assert "manifest records" in only(archived.fsck(), "archive-recipe-corrupt").message
+
+
+def test_unneeded_archive_data_is_info_but_a_corrupt_unneeded_blob_is_an_error(archived: Store) -> None:
+    archived.restore("m", "1.0")
+    archived.restore("m", "1.1")
+    report = archived.fsck()
+    assert report.exit_code == 0
+    assert "2 recipes and 2 tensor blobs" in only(report, "archive-orphan").message
+    path = blob_path(archived, "1.1")
+    damage(path, "flip")  # a later archive of the same tensor would reuse it
+    finding = only(archived.fsck(), "archive-blob-corrupt")
+    assert finding.severity == "error" and finding.refs == ()
+    assert archived.fsck(repair=True).exit_code == 0 and not path.exists()
+    archived.archive("m", "1.1")  # written afresh
+    archived.load("m", "1.1", verify="full")
+
+
+def test_an_archived_version_marked_broken_whose_archive_verifies_is_marked_ok_again(archived: Store) -> None:
+    entry = archived.manifest.read()["models"]["m"]["versions"]["1.5"]
+    archived.manifest.commit(lambda doc: [{"op": "put", "name": "m", "version": "1.5",
+                                           "entry": {**entry, "status": "broken"}}])
+    report = archived.fsck()
+    assert only(report, "broken-ref-intact").refs == ("m:1.5",) and report.exit_code == 0
+    archived.fsck(repair=True)
+    assert archived.info("m", "1.5").status == "ok"
+    archived.load("m", "1.5", verify="full")
+
+
+def test_a_corrupt_hot_copy_of_an_archived_version_does_not_break_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = Store(tmp_path / "s", durable=False)
+    s.save("m", "1.0", tensors(1))
+    oid = s.info("m", "1.0").oid
+    with monkeypatch.context() as m:
+        m.setattr(Store, "_drop_hot_copy", lambda self, oid: None)
+        s.archive("m", "1.0")
+    damage(s.objects.path(oid), "flip")
+    finding = only(s.fsck(), "object-hash")
+    assert finding.refs == ()  # the archived version has its own bytes
+    report = s.fsck(repair=True)
+    assert report.exit_code == 0 and not s.objects.path(oid).exists()
+    assert (s.info("m", "1.0").status, s.info("m", "1.0").tier) == ("ok", "archive")
+    s.load("m", "1.0", verify="full")
+
+
+def test_an_unneeded_delta_whose_base_was_collected_is_not_damage(tmp_path: Path) -> None:
+    """gc may take an unneeded base before fsck reads the delta on it; put_tensor rewrites such a delta."""
+    s = Store(tmp_path / "s", durable=False)
+    base = tensors(3, 4096)["w"]
+    s.save("m", "1.0", {"w": base})
+    s.save("m", "1.1", {"w": base + np.float32(1e-6)})
+    s.archive("m", "1.0")
+    s.archive("m", "1.1")
+    s.restore("m", "1.0")
+    s.restore("m", "1.1")
+    base_tid = next(t.tid for t in s.archive_tier.read_recipe(s.info("m", "1.0").oid).tensors)
+    delta_tid = next(t.tid for t in s.archive_tier.read_recipe(s.info("m", "1.1").oid).tensors)
+    assert base_tid is not None and delta_tid is not None
+    assert s.archive_tier.blob_header(delta_tid).base == base_tid
+    s.archive_tier.tensor_path(base_tid).unlink()
+    report = s.fsck()
+    assert report.exit_code == 0 and set(kinds(report)) == {"archive-orphan"}, report.render()
+    s.archive("m", "1.1")  # the broken delta is written afresh, as a plain blob
+    assert s.archive_tier.blob_header(delta_tid).base is None
+    s.load("m", "1.1", verify="full")
+    assert s.fsck().exit_code == 0

@@ -361,3 +361,111 @@ def test_gc_beside_concurrent_saver_processes_loses_nothing(tmp_path: Path) -> N
         store.load(info.name, info.version, verify="full")
     assert runs >= 3 and deleted > 0
     assert store.fsck().exit_code == 0
+
+
+# ---------------------------------------------------------------------- the archive tier
+
+
+def archive_files(store: Store) -> set[str]:
+    return {f"{which}/{ident}" for which in ("recipes", "tensors")
+            for ident, _ in store.archive_tier.iter_files(which)}
+
+
+def test_an_archived_version_without_its_recipe_keeps_its_hot_copy(store: Store) -> None:
+    """Only a verified archived form lets gc drop the hot copy; a missing one keeps it."""
+    store.save("m", "1.0", tensors(0))
+    oid = oid_of(store, "m", "1.0")
+    entry = store.manifest.read()["models"]["m"]["versions"]["1.0"]
+    store.manifest.commit(
+        lambda doc: [{"op": "put", "name": "m", "version": "1.0", "entry": {**entry, "tier": "archive"}}]
+    )
+    age_all_objects(store)
+    plan = store.gc(grace_period=0)
+    assert plan.deleted == () and store.objects.path(oid).exists()
+    # ...and the missing recipe of a version marked ok stops the archive sweep.
+    assert plan.archive_skipped is not None
+
+
+def test_a_hot_version_sharing_bytes_with_an_archived_one_keeps_the_object(store: Store) -> None:
+    store.save("m", "1.0", tensors(0))
+    store.save("m", "1.1", tensors(0))  # same bytes, one object
+    oid = oid_of(store, "m", "1.0")
+    store.archive("m", "1.0")
+    assert store.objects.path(oid).exists()  # 1.1 is hot
+    age_all_objects(store)
+    assert store.gc(grace_period=0).deleted == ()
+    store.delete("m", "1.1")  # now only an archived version names it
+    plan = store.gc(grace_period=0)
+    assert plan.deleted == (oid,) and plan.archived_copies == (oid,)
+    store.load("m", "1.0", verify="full")
+
+
+def test_plan_without_archive_reports_an_empty_archive_section(store: Store) -> None:
+    store.save("m", "1.0", tensors(0))
+    plan = store.gc()
+    data = plan.to_dict()["archive"]
+    assert data["recipes_scanned"] == 0 and data["delete_blobs"] == [] and data["skipped"] is None
+    assert "archive:" not in plan.render() and "tensor blobs" not in plan.render()
+
+
+ARCHIVER = """
+import sys
+from hydra_cas import Store
+
+store = Store(sys.argv[1], durable=False)
+versions = [v.version for v in store.list("m")]
+print("ready", flush=True)
+sys.stdin.readline()  # start together with gc
+for v in versions:
+    store.archive("m", v)
+for v in versions[::3]:
+    store.restore("m", v)
+print("archived", len(versions))
+"""
+
+
+@pytest.mark.slow
+def test_gc_beside_an_archiver_reusing_old_archive_data_loses_nothing(tmp_path: Path) -> None:
+    """Re-archiving reuses dead, old recipes and blobs (delta chains too) while gc sweeps them."""
+    root = tmp_path / "store"
+    store = Store(root, durable=False)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(2048).astype(np.float32)
+    expected = {}
+    for i in range(60):
+        w = (w + rng.standard_normal(2048).astype(np.float32) * np.float32(1e-4)).astype(np.float32)
+        expected[f"1.{i}"] = {"w": w, "c": np.full(8, i // 3, np.float32)}
+    store.save_many(("m", version, values) for version, values in expected.items())
+    for version in expected:
+        store.archive("m", version)
+    for version in expected:
+        store.restore("m", version)  # every recipe and blob is now dead...
+    when = time.time() - 2 * HOUR
+    for path in (root / "archive").rglob("*"):
+        if path.is_file():
+            os.utime(path, (when, when))  # ...and old enough to be swept
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    archiver = subprocess.Popen([sys.executable, "-c", ARCHIVER, str(root)], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert archiver.stdin is not None and archiver.stdout is not None
+    assert archiver.stdout.readline().startswith("ready")
+    archiver.stdin.write("go\n")
+    archiver.stdin.flush()
+    runs = 0
+    while archiver.poll() is None or runs < 3:
+        store.gc(grace_period=HOUR)
+        runs += 1
+    out, err = archiver.communicate()
+    assert archiver.returncode == 0, err
+    assert "archived 60" in out
+
+    for version, values in expected.items():
+        loaded = store.load("m", version, verify="full")
+        assert {k: v.tobytes() for k, v in loaded.items()} == {k: v.tobytes() for k, v in values.items()}
+    report = store.fsck()
+    assert report.exit_code == 0, report.render()
+    store.gc(grace_period=0)
+    for version in expected:
+        store.load("m", version, verify="full")
+    assert store.fsck().exit_code == 0
