@@ -78,8 +78,9 @@ class BlobHeader:
 
     def pack(self) -> bytes:
         base = bytes.fromhex(self.base) if self.base else bytes(32)
-        return _BLOB_HEADER.pack(BLOB_MAGIC, self.kind, self.depth, 0, self.raw_size, base,
-                                 self.dtype.encode("ascii"))
+        return _BLOB_HEADER.pack(
+            BLOB_MAGIC, self.kind, self.depth, 0, self.raw_size, base, self.dtype.encode("ascii")
+        )
 
     @classmethod
     def unpack(cls, data: bytes, tid: str) -> BlobHeader:
@@ -94,7 +95,9 @@ class BlobHeader:
             raise IntegrityError(f"tensor blob {tid} names unknown dtype {name[:16]!r}", oid=tid)
         if kind == KIND_PLAIN:
             if depth != 0 or any(base):
-                raise IntegrityError(f"tensor blob {tid}: a plain blob must have depth 0 and no base", oid=tid)
+                raise IntegrityError(
+                    f"tensor blob {tid}: a plain blob must have depth 0 and no base", oid=tid
+                )
             return cls(kind, 0, raw_size, None, name)
         if not 1 <= depth <= MAX_DELTA_DEPTH:
             raise IntegrityError(f"tensor blob {tid}: delta depth {depth} is out of range", oid=tid)
@@ -142,7 +145,9 @@ class Recipe:
         if not isinstance(doc, dict) or doc.keys() != {"format_version", "oid", "size", "header", "tensors"}:
             raise IntegrityError(f"{where} does not have the recipe fields", oid=oid)
         if doc["format_version"] != RECIPE_FORMAT:
-            raise IntegrityError(f"{where} has unknown format_version {str(doc['format_version'])[:10]}", oid=oid)
+            raise IntegrityError(
+                f"{where} has unknown format_version {str(doc['format_version'])[:10]}", oid=oid
+            )
         if doc["oid"] != oid or type(doc["size"]) is not int or doc["size"] < 8:
             raise IntegrityError(f"{where} names another payload or a bad size", oid=oid)
         size = doc["size"]
@@ -160,7 +165,7 @@ class Recipe:
         if not isinstance(entries, list) or len(entries) != len(header.tensors):
             raise IntegrityError(f"{where}: tensor list does not match its header", oid=oid)
         tensors = []
-        for info, item in zip(header.tensors, entries):
+        for info, item in zip(header.tensors, entries, strict=True):
             if not (isinstance(item, list) and len(item) == 3):
                 raise IntegrityError(f"{where}: malformed tensor entry", oid=oid)
             tid, begin, end = item
@@ -169,7 +174,9 @@ class Recipe:
             if type(begin) is not int or type(end) is not int:
                 raise IntegrityError(f"{where}: tensor {info.name!r} has non-integer offsets", oid=oid)
             if begin != header.data_start + info.begin or end != header.data_start + info.end:
-                raise IntegrityError(f"{where}: tensor {info.name!r} offsets disagree with the header", oid=oid)
+                raise IntegrityError(
+                    f"{where}: tensor {info.name!r} offsets disagree with the header", oid=oid
+                )
             if (tid is None) != (begin == end) or (tid is not None and not is_oid(tid)):
                 raise IntegrityError(f"{where}: tensor {info.name!r} has a bad tensor id", oid=oid)
             tensors.append(RecipeTensor(info.name, info.dtype, begin, end, tid))
@@ -329,8 +336,11 @@ class Archive:
         if base_tid is not None and base_tid != tid and self._touch_chain(base_tid):
             try:
                 base_header = self.blob_header(base_tid)
-                if (base_header.depth < MAX_DELTA_DEPTH and base_header.raw_size == len(raw)
-                        and base_header.dtype == dtype):
+                if (
+                    base_header.depth < MAX_DELTA_DEPTH
+                    and base_header.raw_size == len(raw)
+                    and base_header.dtype == dtype
+                ):
                     base_raw = self.tensor_bytes(base_tid, len(raw), dtype)
                     delta = codec.encode(codec.xor_bytes(raw, base_raw), dtype)
                     if len(delta) < len(best):
@@ -354,10 +364,13 @@ class Archive:
             with open(self.tensor_path(tid), "rb") as f:
                 return BlobHeader.unpack(f.read(BLOB_HEADER_SIZE), tid)
         except FileNotFoundError:
-            raise IntegrityError(f"tensor blob {tid} is missing from the archive; run `hydra-cas fsck`",
-                                 oid=tid) from None
+            raise IntegrityError(
+                f"tensor blob {tid} is missing from the archive; run `hydra-cas fsck`", oid=tid
+            ) from None
 
-    def tensor_bytes(self, tid: str, size: int, dtype: str, *, verify: bool = True, _depth: int | None = None) -> bytearray:
+    def tensor_bytes(
+        self, tid: str, size: int, dtype: str, *, verify: bool = True, _depth: int | None = None
+    ) -> bytearray:
         """Rebuild one tensor's raw bytes, following its delta chain (bounded)."""
         try:
             with open(self.tensor_path(tid), "rb") as f:
@@ -365,8 +378,9 @@ class Archive:
                 limit = BLOB_HEADER_SIZE + _max_frame(size)
                 data = f.read(limit + 1)
         except FileNotFoundError:
-            raise IntegrityError(f"tensor blob {tid} is missing from the archive; run `hydra-cas fsck`",
-                                 oid=tid) from None
+            raise IntegrityError(
+                f"tensor blob {tid} is missing from the archive; run `hydra-cas fsck`", oid=tid
+            ) from None
         if len(data) > limit:
             raise IntegrityError(f"tensor blob {tid} is larger than any encoding of {size} bytes", oid=tid)
         header = BlobHeader.unpack(data, tid)
@@ -378,7 +392,8 @@ class Archive:
         # chain the dtypes must agree.
         if header.raw_size != size or (_depth is not None and header.dtype != dtype):
             raise IntegrityError(
-                f"tensor blob {tid} holds {header.raw_size} bytes of {header.dtype}, expected {size} of {dtype}",
+                f"tensor blob {tid} holds {header.raw_size} bytes of {header.dtype}, "
+                f"expected {size} of {dtype}",
                 oid=tid,
             )
         if _depth is not None and header.depth != _depth:
@@ -401,8 +416,9 @@ class Archive:
                 size = os.fstat(f.fileno()).st_size
                 raw = f.read(min(size, _MAX_RECIPE_BYTES) + 1)
         except FileNotFoundError:
-            raise IntegrityError(f"archive recipe for object {oid} is missing; run `hydra-cas fsck`",
-                                 oid=oid) from None
+            raise IntegrityError(
+                f"archive recipe for object {oid} is missing; run `hydra-cas fsck`", oid=oid
+            ) from None
         if len(raw) > _MAX_RECIPE_BYTES:
             raise IntegrityError(f"archive recipe {oid} is implausibly large", oid=oid)
         return Recipe.from_json(raw, oid)
@@ -412,7 +428,9 @@ class Archive:
         yield recipe.header
         for tensor in recipe.tensors:
             if tensor.tid is not None:
-                yield self.tensor_bytes(tensor.tid, tensor.end - tensor.begin, tensor.dtype, verify=verify_tensors)
+                yield self.tensor_bytes(
+                    tensor.tid, tensor.end - tensor.begin, tensor.dtype, verify=verify_tensors
+                )
 
     def live_tensors(self, recipe_oids: set[str]) -> tuple[set[str], list[str]]:
         """Every tid the given recipes need, delta bases included; and problems met."""
@@ -459,8 +477,11 @@ class Archive:
             raw = payload[begin:end]
             tid = hashlib.sha256(raw).hexdigest()
             base = bases.get(info.name)
-            base_tid = base.tid if base is not None and base.dtype == info.dtype and \
-                base.end - base.begin == end - begin else None
+            base_tid = (
+                base.tid
+                if base is not None and base.dtype == info.dtype and base.end - base.begin == end - begin
+                else None
+            )
             self.put_tensor(raw, info.dtype, tid, base_tid, stats)
             tensors.append(RecipeTensor(info.name, info.dtype, begin, end, tid))
         recipe = Recipe(oid, len(payload), bytes(payload[: header.data_start]), tuple(tensors))

@@ -101,12 +101,24 @@ def _check_source(args: argparse.Namespace) -> None:
 def cmd_save(args: argparse.Namespace, store: Store) -> int:
     name, version = split_ref(args.ref, default_version=None)
     result = store.import_file(
-        args.file, name, version, metadata=_parse_meta(args.meta), parent=args.parent,
+        args.file,
+        name,
+        version,
+        metadata=_parse_meta(args.meta),
+        parent=args.parent,
         progress=_progress_wanted(args),
     )
     if args.json:
-        _print_json({"name": result.name, "version": result.version, "oid": result.oid, "size": result.size,
-                     "deduplicated": result.deduplicated, "unchanged": result.unchanged})
+        _print_json(
+            {
+                "name": result.name,
+                "version": result.version,
+                "oid": result.oid,
+                "size": result.size,
+                "deduplicated": result.deduplicated,
+                "unchanged": result.unchanged,
+            }
+        )
     elif result.unchanged:
         print(f"{result.ref} already holds these bytes (sha256 {result.oid}); nothing changed")
     else:
@@ -139,8 +151,19 @@ def cmd_ls(args: argparse.Namespace, store: Store) -> int:
         print(f"no models in {store.root}")
         return 0
     if args.name:
-        rows = [[v.version + (" (latest)" if v.is_latest else ""), v.oid[:12], _size(v.size), str(v.tensors),
-                 v.tier, v.status, ",".join(v.aliases), v.created[:19].replace("T", " ")] for v in versions]
+        rows = [
+            [
+                v.version + (" (latest)" if v.is_latest else ""),
+                v.oid[:12],
+                _size(v.size),
+                str(v.tensors),
+                v.tier,
+                v.status,
+                ",".join(v.aliases),
+                v.created[:19].replace("T", " "),
+            ]
+            for v in versions
+        ]
         print(_table(rows, ["VERSION", "OID", "SIZE", "TENSORS", "TIER", "STATUS", "ALIASES", "CREATED"]))
         return 0
     by_model: dict[str, list[Any]] = {}
@@ -150,8 +173,16 @@ def cmd_ls(args: argparse.Namespace, store: Store) -> int:
     for name, items in by_model.items():
         latest = next((v for v in items if v.is_latest), items[-1])
         aliases = sorted({f"{a}->{v.version}" for v in items for a in v.aliases})
-        rows.append([name, str(len(items)), latest.version, ",".join(aliases),
-                     _size(sum(v.size for v in items)), latest.created[:19].replace("T", " ")])
+        rows.append(
+            [
+                name,
+                str(len(items)),
+                latest.version,
+                ",".join(aliases),
+                _size(sum(v.size for v in items)),
+                latest.created[:19].replace("T", " "),
+            ]
+        )
     print(_table(rows, ["NAME", "VERSIONS", "LATEST", "ALIASES", "SIZE", "CREATED"]))
     return 0
 
@@ -183,8 +214,12 @@ def cmd_show(args: argparse.Namespace, store: Store) -> int:
         print(f"  tensors unavailable: {unavailable}")
     elif tensors:
         print()
-        print(_table([[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar"] for t in tensors],
-                     ["TENSOR", "DTYPE", "SHAPE"]))
+        print(
+            _table(
+                [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar"] for t in tensors],
+                ["TENSOR", "DTYPE", "SHAPE"],
+            )
+        )
     return 0
 
 
@@ -225,21 +260,40 @@ def cmd_du(args: argparse.Namespace, store: Store) -> int:
     if args.json:
         _print_json(usage)
         return 0
-    rows = [[m["name"], str(m["versions"]), _size(m["logical_bytes"]), _size(m["stored_bytes"]),
-             _size(m["dedup_saved_bytes"])] for m in usage["models"]]
+    rows = [
+        [
+            m["name"],
+            str(m["versions"]),
+            _size(m["logical_bytes"]),
+            _size(m["stored_bytes"]),
+            _size(m["dedup_saved_bytes"]),
+        ]
+        for m in usage["models"]
+    ]
     total = usage["total"]
-    rows.append(["TOTAL", str(sum(m["versions"] for m in usage["models"])), _size(total["logical_bytes"]),
-                 _size(total["stored_bytes"]), _size(total["dedup_saved_bytes"])])
+    rows.append(
+        [
+            "TOTAL",
+            str(sum(m["versions"] for m in usage["models"])),
+            _size(total["logical_bytes"]),
+            _size(total["stored_bytes"]),
+            _size(total["dedup_saved_bytes"]),
+        ]
+    )
     print(_table(rows, ["NAME", "VERSIONS", "LOGICAL", "STORED", "SAVED BY DEDUP"]))
-    print(f"\non disk: {_size(total['on_disk_bytes'])}, of which unreferenced "
-          f"(gc frees after the grace period): {_size(total['unreferenced_bytes'])}")
+    print(
+        f"\non disk: {_size(total['on_disk_bytes'])}, of which unreferenced "
+        f"(gc frees after the grace period): {_size(total['unreferenced_bytes'])}"
+    )
     hot, archive = usage["tiers"]["hot"], usage["tiers"]["archive"]
     print(f"hot tier:     {hot['versions']} versions, {_size(hot['stored_bytes'])}")
     if archive["versions"]:
-        print(f"archive tier: {archive['versions']} versions, {_size(archive['logical_bytes'])} logical "
-              f"-> {_size(archive['stored_bytes'])} stored; saved by tensor dedup "
-              f"{_size(archive['tensor_dedup_saved_bytes'])}, by compression "
-              f"{_size(archive['compression_saved_bytes'])}, by deltas {_size(archive['delta_saved_bytes'])}")
+        print(
+            f"archive tier: {archive['versions']} versions, {_size(archive['logical_bytes'])} logical "
+            f"-> {_size(archive['stored_bytes'])} stored; saved by tensor dedup "
+            f"{_size(archive['tensor_dedup_saved_bytes'])}, by compression "
+            f"{_size(archive['compression_saved_bytes'])}, by deltas {_size(archive['delta_saved_bytes'])}"
+        )
     return 0
 
 
@@ -274,8 +328,9 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
         raise HydraError("--sample takes a percentage above 0 and at most 100")
     if args.workers is not None and args.workers < 1:
         raise HydraError("--workers takes a number of hashing workers, 1 or more")
-    report = store.fsck(repair=args.repair, sample=args.sample, workers=args.workers,
-                        progress=_progress_wanted(args))
+    report = store.fsck(
+        repair=args.repair, sample=args.sample, workers=args.workers, progress=_progress_wanted(args)
+    )
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -293,8 +348,9 @@ def cmd_archive(args: argparse.Namespace, store: Store) -> int:
     if args.older_than is not None and not 0 <= args.older_than < float("inf"):
         # NaN would compare false against every date and so select every version.
         raise HydraError("--older-than takes a number of days, 0 or more")
-    chosen = store.archive_candidates(name, version, keep_latest=args.keep_latest,
-                                      older_than_days=args.older_than)
+    chosen = store.archive_candidates(
+        name, version, keep_latest=args.keep_latest, older_than_days=args.older_than
+    )
     if args.dry_run:
         if args.json:
             _print_json({"would_archive": [f"{n}:{v}" for n, v in chosen]})
@@ -308,15 +364,24 @@ def cmd_archive(args: argparse.Namespace, store: Store) -> int:
         for n, v in chosen:
             result = store.archive(n, v)
             stats = result.stats
-            done.append({"ref": result.ref, "oid": result.oid, "size": result.size,
-                         "tensors": stats.tensors if stats else 0, "reused": stats.reused if stats else 0,
-                         "deltas": stats.deltas if stats else 0,
-                         "new_bytes": stats.stored_bytes if stats else 0})
+            done.append(
+                {
+                    "ref": result.ref,
+                    "oid": result.oid,
+                    "size": result.size,
+                    "tensors": stats.tensors if stats else 0,
+                    "reused": stats.reused if stats else 0,
+                    "deltas": stats.deltas if stats else 0,
+                    "new_bytes": stats.stored_bytes if stats else 0,
+                }
+            )
             bar.update(1)
             if not args.json:
                 last = done[-1]
-                print(f"archived {result.ref}: {_size(result.size)} -> {_size(last['new_bytes'])} new "
-                      f"({last['reused']} of {last['tensors']} tensors shared, {last['deltas']} deltas)")
+                print(
+                    f"archived {result.ref}: {_size(result.size)} -> {_size(last['new_bytes'])} new "
+                    f"({last['reused']} of {last['tensors']} tensors shared, {last['deltas']} deltas)"
+                )
     if args.json:
         _print_json({"archived": done})
     elif not done:
@@ -342,11 +407,15 @@ def cmd_demo(args: argparse.Namespace, store_path: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=argparse.SUPPRESS, metavar="PATH",
-                        help="store directory or s3://bucket/prefix "
-                             f"(default: $HYDRA_STORE or {DEFAULT_STORE})")
-    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                        help="show log messages (-vv for debug)")
+    common.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help=f"store directory or s3://bucket/prefix (default: $HYDRA_STORE or {DEFAULT_STORE})",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="show log messages (-vv for debug)"
+    )
     parser = argparse.ArgumentParser(
         prog="hydra-cas",
         description="A versioned, content-addressed store for model weights.",
@@ -362,8 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
         return p
 
-    p = add("save", "import a .safetensors (stored byte for byte) or .npz file as NAME:VERSION", cmd_save,
-            json_flag=True)
+    p = add(
+        "save",
+        "import a .safetensors (stored byte for byte) or .npz file as NAME:VERSION",
+        cmd_save,
+        json_flag=True,
+    )
     p.add_argument("file")
     p.add_argument("ref", metavar="NAME:VERSION")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
@@ -394,24 +467,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("gc", "delete objects nothing references (after a grace period)", cmd_gc, json_flag=True)
     p.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
-    p.add_argument("--grace", type=_duration, default=3600.0, metavar="DURATION",
-                   help="only delete unreferenced objects older than this (default 1h; e.g. 30m, 7d)")
+    p.add_argument(
+        "--grace",
+        type=_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="only delete unreferenced objects older than this (default 1h; e.g. 30m, 7d)",
+    )
     p.add_argument("--prune-now", action="store_true", help="grace period 0 (needs --force)")
     p.add_argument("-f", "--force", action="store_true", help="confirm --prune-now")
 
     p = add("fsck", "verify every object by re-hashing; --repair to mend", cmd_fsck, json_flag=True)
-    p.add_argument("--repair", action="store_true",
-                   help="quarantine corrupt objects, mark their refs broken, rebuild the manifest, "
-                        "clean temp files")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="quarantine corrupt objects, mark their refs broken, rebuild the manifest, clean temp files",
+    )
     p.add_argument("--sample", type=float, metavar="PCT", help="hash only this percentage of objects")
     p.add_argument("--workers", type=int, metavar="N", help="hashing processes (default: all cores)")
 
-    p = add("archive", "move versions to the compressed, tensor-deduplicated archive tier", cmd_archive,
-            json_flag=True)
+    p = add(
+        "archive",
+        "move versions to the compressed, tensor-deduplicated archive tier",
+        cmd_archive,
+        json_flag=True,
+    )
     p.add_argument("ref", nargs="?", metavar="NAME[:VERSION]")
     p.add_argument("--keep-latest", type=int, metavar="N", help="keep each model's newest N versions hot")
-    p.add_argument("--older-than", type=float, metavar="DAYS",
-                   help="only versions created more than DAYS ago")
+    p.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="only versions created more than DAYS ago"
+    )
     p.add_argument("--dry-run", action="store_true", help="list what would be archived")
 
     p = add("restore", "bring an archived version back to the hot tier", cmd_restore)

@@ -50,13 +50,22 @@ def run_demo(root: str | os.PathLike[str], say: Callable[[str], None]) -> int:
         ("genesis-vectorizer", "1.0.0", 4, None),
     ]
     for name, version, seed, parent in plan:
-        result = store.save(name, version, _weights(seed), metadata={"seed": seed, "demo": True}, parent=parent)
-        state = "already stored" if result.unchanged else ("deduplicated" if result.deduplicated else "new object")
+        result = store.save(
+            name, version, _weights(seed), metadata={"seed": seed, "demo": True}, parent=parent
+        )
+        state = (
+            "already stored"
+            if result.unchanged
+            else ("deduplicated" if result.deduplicated else "new object")
+        )
         say(f"   saved {result.ref:<28} {_mib(result.size):>10}  sha256 {result.oid[:12]}  ({state})")
     say("")
 
     say("2. Resolving versions")
-    say(f"   alpha-regressor:latest    -> {store.resolve('alpha-regressor')}  (pre-release 2.0.0rc1 is skipped)")
+    say(
+        f"   alpha-regressor:latest    -> {store.resolve('alpha-regressor')}  "
+        "(pre-release 2.0.0rc1 is skipped)"
+    )
     say(f"   alpha-regressor:>=1.0,<1.1 -> {store.resolve('alpha-regressor', '>=1.0,<1.1')}")
     store.set_alias("alpha-regressor", "champion", "1.0.0")
     say(f"   alpha-regressor:champion  -> {store.resolve('alpha-regressor', 'champion')}  (an alias)")
@@ -66,10 +75,14 @@ def run_demo(root: str | os.PathLike[str], say: Callable[[str], None]) -> int:
     before = store.du()["total"]
     result = store.save("alpha-regressor-copy", "1.0.0", _weights(1), metadata={"note": "a copy"})
     after = store.du()["total"]
-    say(f"   saved {result.ref}: deduplicated={result.deduplicated}, "
-        f"new bytes on disk: {after['on_disk_bytes'] - before['on_disk_bytes']}")
-    say(f"   logical {_mib(after['logical_bytes'])}, stored {_mib(after['stored_bytes'])}, "
-        f"saved by dedup {_mib(after['dedup_saved_bytes'])}")
+    say(
+        f"   saved {result.ref}: deduplicated={result.deduplicated}, "
+        f"new bytes on disk: {after['on_disk_bytes'] - before['on_disk_bytes']}"
+    )
+    say(
+        f"   logical {_mib(after['logical_bytes'])}, stored {_mib(after['stored_bytes'])}, "
+        f"saved by dedup {_mib(after['dedup_saved_bytes'])}"
+    )
     say("")
 
     say("4. Loading in parallel, verified (BLAKE3)")
@@ -79,8 +92,10 @@ def run_demo(root: str | os.PathLike[str], say: Callable[[str], None]) -> int:
     elapsed = time.perf_counter() - start
     for key, outcome in results.items():
         tensors = outcome.unwrap()
-        say(f"   {key:<32} -> {outcome.version:<8} {len(tensors)} tensors, "
-            f"{sum(t.nbytes for t in tensors.values()):,} bytes")
+        say(
+            f"   {key:<32} -> {outcome.version:<8} {len(tensors)} tensors, "
+            f"{sum(t.nbytes for t in tensors.values()):,} bytes"
+        )
     say(f"   {len(results)} models in {elapsed * 1000:.1f} ms")
     say("")
 
@@ -94,16 +109,20 @@ def run_demo(root: str | os.PathLike[str], say: Callable[[str], None]) -> int:
         store.load("demo-canary", "1.0.0")
     except IntegrityError as exc:
         caught = True
-        say(f"   load refused: checksum mismatch (expected blake3 {str(exc.expected)[:12]}..., "
-            f"got {str(exc.actual)[:12]}...)")
+        say(
+            f"   load refused: checksum mismatch (expected blake3 {str(exc.expected)[:12]}..., "
+            f"got {str(exc.actual)[:12]}...)"
+        )
     _flip_last_byte(path)  # put the byte back: the demo leaves a healthy store
     store.load("demo-canary", "1.0.0", verify="full")
     say(f"   restored the byte; {victim.ref} verifies again with SHA-256")
     say("")
 
     total = store.du()["total"]
-    say(f"Done: {len(store.list())} versions of {len(store.models())} models, "
-        f"{_mib(total['on_disk_bytes'])} on disk. Try `hydra-cas --store {root} ls`.")
+    say(
+        f"Done: {len(store.list())} versions of {len(store.models())} models, "
+        f"{_mib(total['on_disk_bytes'])} on disk. Try `hydra-cas --store {root} ls`."
+    )
     return 0 if caught else 1
 
 

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 class ModelPersistenceManager:
     """Save, version and load models in ``base_storage_path`` (prototype API)."""
 
-    def __init__(self, base_storage_path: str | os.PathLike[str] = "hydra_models", max_workers: int | None = None) -> None:
+    def __init__(
+        self, base_storage_path: str | os.PathLike[str] = "hydra_models", max_workers: int | None = None
+    ) -> None:
         self.store = Store(base_storage_path)
         self.base_storage_path = self.store.root
         self.max_workers = max_workers
@@ -64,7 +66,9 @@ class ModelPersistenceManager:
         """(name, version, record) for every stored version."""
         return [(v.name, v.version, v.to_dict()) for v in self.store.list()]
 
-    def load_models_parallel(self, models_to_load: Iterable[tuple[str, str]]) -> dict[str, dict[str, np.ndarray]]:
+    def load_models_parallel(
+        self, models_to_load: Iterable[tuple[str, str]]
+    ) -> dict[str, dict[str, np.ndarray]]:
         """Load several models at once; keyed ``"name:version"``.  Failures are logged and left out."""
         results = self.store.load_many(list(models_to_load), max_workers=self.max_workers)
         return {key: r.tensors for key, r in results.items() if r.ok and r.tensors is not None}

@@ -15,7 +15,8 @@ import errno as errno_mod
 import logging
 import os
 import secrets
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hydra_cas.errors import StorageError
 

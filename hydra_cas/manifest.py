@@ -18,15 +18,16 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from packaging.version import InvalidVersion, Version
 
 from hydra_cas import fsio
 from hydra_cas.dtypes import ITEMSIZE
 from hydra_cas.errors import InvalidMetadataError, ManifestError, StorageError
-from hydra_cas.layout import check_oid, is_oid
+from hydra_cas.layout import check_oid
 from hydra_cas.lock import StoreLock
 from hydra_cas.refs import check_alias, check_name
 
@@ -58,8 +59,19 @@ TIERS = ("hot", "archive")
 STATUSES = ("ok", "broken")
 MAX_METADATA_BYTES = 1024 * 1024
 _ENTRY_FIELDS = frozenset(
-    {"oid", "blake3", "size", "tensors", "parameters", "dtypes", "created", "metadata",
-     "tier", "parent", "status"}
+    {
+        "oid",
+        "blake3",
+        "size",
+        "tensors",
+        "parameters",
+        "dtypes",
+        "created",
+        "metadata",
+        "tier",
+        "parent",
+        "status",
+    }
 )
 _OPS = {
     "put": frozenset({"seq", "time", "op", "name", "version", "entry"}),
@@ -239,8 +251,7 @@ def apply_record(models: Models, record: dict[str, Any], owned: set[str] | None 
         previous = versions.get(record["version"])
         if previous is not None and previous["oid"] != record["entry"]["oid"]:
             raise ManifestError(
-                f"journal record {seq} changes the oid of {name}:{record['version']}; "
-                "versions are immutable"
+                f"journal record {seq} changes the oid of {name}:{record['version']}; versions are immutable"
             )
         versions[record["version"]] = record["entry"]
     elif op == "drop":
@@ -251,8 +262,7 @@ def apply_record(models: Models, record: dict[str, Any], owned: set[str] | None 
     elif op == "alias":
         if record["version"] not in versions:
             raise ManifestError(
-                f"journal record {seq} points alias {record['alias']} at missing "
-                f"{name}:{record['version']}"
+                f"journal record {seq} points alias {record['alias']} at missing {name}:{record['version']}"
             )
         aliases[record["alias"]] = record["version"]
     else:  # unalias
@@ -351,8 +361,7 @@ class Journal:
     def append(self, records: list[dict[str, Any]]) -> None:
         """Append records (their seqs already assigned) durably.  Caller holds the lock."""
         payload = "".join(
-            json.dumps(r, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n"
-            for r in records
+            json.dumps(r, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n" for r in records
         ).encode()
         try:
             fsio._check("open", self.path)
@@ -365,7 +374,9 @@ class Journal:
                 _, good_end = self._tail(fd, size)
                 if good_end != size:
                     # A crash tore the last line; it was never committed.  Drop it.
-                    logger.warning("journal %s: dropping a torn last line (%d bytes)", self.path, size - good_end)
+                    logger.warning(
+                        "journal %s: dropping a torn last line (%d bytes)", self.path, size - good_end
+                    )
                     fsio._check("truncate", self.path)
                     os.ftruncate(fd, good_end)
                 os.lseek(fd, good_end, os.SEEK_SET)
@@ -429,13 +440,14 @@ class ManifestStore:
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror}", errno=exc.errno, path=str(path)) from exc
+            raise StorageError(
+                f"cannot read {path}: {exc.strerror}", errno=exc.errno, path=str(path)
+            ) from exc
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError):
             raise ManifestError(
-                f"{path} is not valid JSON; run `hydra-cas fsck --repair` to rebuild it "
-                "from the journal"
+                f"{path} is not valid JSON; run `hydra-cas fsck --repair` to rebuild it from the journal"
             ) from None
         try:
             return validate_manifest(doc)
@@ -545,10 +557,15 @@ def dumps_manifest(doc: dict[str, Any]) -> str:
     four times slower on 10,000 versions; encoding each record compactly keeps
     the C encoder and still gives a diff-friendly file.
     """
+
     def enc(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, allow_nan=False, sort_keys=True)
 
-    lines = ["{", f' "format_version": {enc(doc["format_version"])},', f' "journal_seq": {enc(doc["journal_seq"])},']
+    lines = [
+        "{",
+        f' "format_version": {enc(doc["format_version"])},',
+        f' "journal_seq": {enc(doc["journal_seq"])},',
+    ]
     models = doc["models"]
     if not models:
         lines.append(' "models": {}')
@@ -567,7 +584,8 @@ def dumps_manifest(doc: dict[str, Any]) -> str:
                 keys = sorted(versions)
                 last = len(keys) - 1
                 lines.extend(
-                    f"    {enc(key)}: {enc(versions[key])}{',' if j < last else ''}" for j, key in enumerate(keys)
+                    f"    {enc(key)}: {enc(versions[key])}{',' if j < last else ''}"
+                    for j, key in enumerate(keys)
                 )
                 lines.append("   }")
             lines.append("  }," if i < len(names) - 1 else "  }")
@@ -607,4 +625,3 @@ def _keys_are_str(value: object) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_keys_are_str(v) for v in value)
     return True
-

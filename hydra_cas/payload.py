@@ -77,9 +77,7 @@ def prepare(tensors: object) -> list[TensorSource]:
     importing torch).  Raises InvalidTensorError naming the offending key.
     """
     if not hasattr(tensors, "items"):
-        raise InvalidTensorError(
-            f"tensors must be a dict of name -> array, got {type(tensors).__name__}"
-        )
+        raise InvalidTensorError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
     sources: list[TensorSource] = []
     for name, value in tensors.items():  # type: ignore[union-attr]
         if not isinstance(name, str):
@@ -94,7 +92,11 @@ def prepare(tensors: object) -> list[TensorSource]:
             sources.append(_from_torch(name, value))
             continue
         if not isinstance(value, np.ndarray):
-            hint = "wrap it with np.asarray(...)" if isinstance(value, (list, tuple, int, float, np.generic)) else "convert it to a numpy array"
+            hint = (
+                "wrap it with np.asarray(...)"
+                if isinstance(value, (list, tuple, int, float, np.generic))
+                else "convert it to a numpy array"
+            )
             raise InvalidTensorError(
                 f"tensor {_shown(name)} is a {type(value).__name__}, not an array; {hint}"
             )
@@ -120,7 +122,11 @@ def build_header(sources: list[TensorSource]) -> bytes:
     offset = 0
     for source in sources:
         end = offset + source.nbytes
-        entries[source.name] = {"dtype": source.dtype, "shape": list(source.shape), "data_offsets": [offset, end]}
+        entries[source.name] = {
+            "dtype": source.dtype,
+            "shape": list(source.shape),
+            "data_offsets": [offset, end],
+        }
         offset = end
     text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-(8 + len(text)) % 8)
@@ -161,4 +167,3 @@ def tensor_summary(sources: list[TensorSource]) -> dict[str, Any]:
         "parameters": sum(int(s.array.size) for s in sources),
         "dtypes": sorted({s.dtype for s in sources}),
     }
-

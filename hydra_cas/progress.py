@@ -32,5 +32,12 @@ def progress_bar(total: int | None, desc: str, *, enabled: bool, unit: str = "B"
     except ImportError:  # tqdm is a dependency, but a broken install should not stop work
         return Progress()
     scale = unit == "B"
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-                leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        unit_divisor=1024 if scale else 1000,
+        leave=False,
+        dynamic_ncols=True,
+    )

@@ -58,7 +58,12 @@ class VersionInfo:
 
     @classmethod
     def from_entry(
-        cls, name: str, version: str, entry: dict[str, Any], aliases: tuple[str, ...] = (), is_latest: bool = False
+        cls,
+        name: str,
+        version: str,
+        entry: dict[str, Any],
+        aliases: tuple[str, ...] = (),
+        is_latest: bool = False,
     ) -> VersionInfo:
         return cls(
             name=name,

@@ -50,9 +50,7 @@ def check_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidNameError(f"model name must be a str, got {type(name).__name__}")
     if len(name) > MAX_NAME_LEN:
-        raise InvalidNameError(
-            f"model name is {len(name)} characters long; the limit is {MAX_NAME_LEN}"
-        )
+        raise InvalidNameError(f"model name is {len(name)} characters long; the limit is {MAX_NAME_LEN}")
     if not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidNameError(
             f"invalid model name {_shown(name)}: use letters, digits, '.', '_' and '-', "
@@ -68,15 +66,12 @@ def check_alias(alias: object) -> str:
         raise InvalidNameError(f"alias must be a str, got {type(alias).__name__}")
     if not _ALIAS_RE.fullmatch(alias):
         raise InvalidNameError(
-            f"invalid alias {_shown(alias)}: start with a letter, then up to 63 letters, "
-            "digits, '_' or '-'"
+            f"invalid alias {_shown(alias)}: start with a letter, then up to 63 letters, digits, '_' or '-'"
         )
     if alias == LATEST:
         raise InvalidNameError("'latest' is reserved: it always means the highest version")
     if _parse_version(alias) is not None:
-        raise InvalidNameError(
-            f"alias {alias!r} reads as a version number; pick a word such as 'champion'"
-        )
+        raise InvalidNameError(f"alias {alias!r} reads as a version number; pick a word such as 'champion'")
     return alias
 
 
@@ -125,9 +120,7 @@ def latest_of(versions: Iterable[str]) -> str | None:
     return max(releases or parsed)[1]
 
 
-def resolve_version(
-    name: str, requested: str, versions: Iterable[str], aliases: Mapping[str, str]
-) -> str:
+def resolve_version(name: str, requested: str, versions: Iterable[str], aliases: Mapping[str, str]) -> str:
     """Turn ``latest``, an exact version, a specifier or an alias into a version key.
 
     ``versions`` are the model's existing version keys (canonical form).
@@ -153,9 +146,7 @@ def resolve_version(
     for version in existing:
         if Version(version) == parsed:
             return version
-    raise NotFoundError(
-        f"{name}:{requested} not found; available versions: {_listing(existing)}"
-    )
+    raise NotFoundError(f"{name}:{requested} not found; available versions: {_listing(existing)}")
 
 
 def _resolve_specifier(name: str, requested: str, existing: list[str]) -> str:
@@ -171,9 +162,7 @@ def _resolve_specifier(name: str, requested: str, existing: list[str]) -> str:
     if not matches:
         matches = list(spec.filter(existing, prereleases=True))
     if not matches:
-        raise NotFoundError(
-            f"no version of {name!r} matches {requested!r}; available: {_listing(existing)}"
-        )
+        raise NotFoundError(f"no version of {name!r} matches {requested!r}; available: {_listing(existing)}")
     return max(matches, key=Version)
 
 

@@ -72,6 +72,18 @@ class _Pending:
     parent_key: str | None = None
 
 
+_ITEM_FIELDS = ("name", "version", "tensors", "metadata", "parent")
+
+
+def _item_tuple(item: Any) -> tuple[Any, ...]:
+    fields = tuple(item)
+    if not 3 <= len(fields) <= len(_ITEM_FIELDS):
+        raise InvalidArgumentError(
+            "save_many items are (name, version, tensors[, metadata[, parent]]) or dicts with those keys"
+        )
+    return fields
+
+
 def _tensor_chunks(header: bytes, sources: list[Any]) -> Iterator[memoryview | bytes]:
     return itertools.chain((header,), iter_data(sources))
 
@@ -127,7 +139,9 @@ class Store:
         self.layout = Layout(self.root)
         if not self.root.is_dir():
             if self.root.exists():
-                raise StorageError(f"store path {self.root} exists and is not a directory", path=str(self.root))
+                raise StorageError(
+                    f"store path {self.root} exists and is not a directory", path=str(self.root)
+                )
             if not create:
                 raise NotFoundError(
                     f"no store at {self.root}; save a model first or pass --store/HYDRA_STORE"
@@ -169,7 +183,9 @@ class Store:
         header = build_header(sources)
         summary = tensor_summary(sources)
 
-        return self._save_stream(name, key, functools.partial(_tensor_chunks, header, sources), summary, meta, parent)
+        return self._save_stream(
+            name, key, functools.partial(_tensor_chunks, header, sources), summary, meta, parent
+        )
 
     def import_file(
         self,
@@ -223,18 +239,26 @@ class Store:
         """
         pending: list[_Pending] = []
         for item in items:
-            fields = dict(item) if isinstance(item, Mapping) else dict(
-                zip(("name", "version", "tensors", "metadata", "parent"), item)
+            fields = (
+                dict(item)
+                if isinstance(item, Mapping)
+                else dict(zip(_ITEM_FIELDS, _item_tuple(item), strict=False))
             )
             name = check_name(fields.get("name"))
             key = canonical_version(fields.get("version"))
             meta = metadata_json(fields.get("metadata"))
             sources = prepare(fields.get("tensors"))
             header = build_header(sources)
-            pending.append(_Pending(
-                name, key, functools.partial(_tensor_chunks, header, sources), tensor_summary(sources), meta,
-                fields.get("parent"),
-            ))
+            pending.append(
+                _Pending(
+                    name,
+                    key,
+                    functools.partial(_tensor_chunks, header, sources),
+                    tensor_summary(sources),
+                    meta,
+                    fields.get("parent"),
+                )
+            )
         return self._save_batch(pending)
 
     def _save_stream(
@@ -285,15 +309,22 @@ class Store:
                     written[i] = (w, self._publish(w))
                 results.update(self._commit_puts(pending, written))
             except _ObjectVanished:
-                logger.warning("an object vanished before its ref was committed (concurrent gc); writing again")
+                logger.warning(
+                    "an object vanished before its ref was committed (concurrent gc); writing again"
+                )
                 continue
             finally:
                 for intent in intents:
                     self._drop_intent(intent)
             for i in to_write:
                 r = results[i]
-                logger.info("saved %s as %s (%d bytes%s)", r.ref, r.oid, r.size,
-                            ", deduplicated" if r.deduplicated else "")
+                logger.info(
+                    "saved %s as %s (%d bytes%s)",
+                    r.ref,
+                    r.oid,
+                    r.size,
+                    ", deduplicated" if r.deduplicated else "",
+                )
             return [results[i] for i in range(len(pending))]
         raise StorageError(
             f"could not commit {len(to_write)} version(s): their objects were removed {_COMMIT_ATTEMPTS} "
@@ -314,7 +345,11 @@ class Store:
                 model = doc["models"].get(p.name)
                 versions = model["versions"] if model else {}
                 same = _find_version(versions, p.key)
-                healing = same is not None and versions[same]["status"] == "broken" and versions[same]["oid"] == w.oid
+                healing = (
+                    same is not None
+                    and versions[same]["status"] == "broken"
+                    and versions[same]["oid"] == w.oid
+                )
                 if same is not None and not healing:
                     outcome[i] = self._same_or_conflict(p.name, same, versions[same], w.oid, w.size)
                     continue
@@ -324,12 +359,25 @@ class Store:
                 if healing:
                     assert same is not None
                     outcome[i] = SaveResult(p.name, same, w.oid, w.size, deduplicated=not created)
-                    records.append({"op": "put", "name": p.name, "version": same,
-                                    "entry": {**versions[same], "status": "ok"}})
+                    records.append(
+                        {
+                            "op": "put",
+                            "name": p.name,
+                            "version": same,
+                            "entry": {**versions[same], "status": "ok"},
+                        }
+                    )
                     continue
                 entry = {
-                    "oid": w.oid, "blake3": w.blake3, "size": w.size, **p.summary, "created": now,
-                    "metadata": p.meta, "tier": "hot", "parent": p.parent_key, "status": "ok",
+                    "oid": w.oid,
+                    "blake3": w.blake3,
+                    "size": w.size,
+                    **p.summary,
+                    "created": now,
+                    "metadata": p.meta,
+                    "tier": "hot",
+                    "parent": p.parent_key,
+                    "status": "ok",
                 }
                 outcome[i] = SaveResult(p.name, p.key, w.oid, w.size, deduplicated=not created)
                 records.append({"op": "put", "name": p.name, "version": p.key, "entry": entry})
@@ -354,7 +402,9 @@ class Store:
             raise NotFoundError(f"parent {name}:{parent} not found: model {name!r} has no versions yet")
         return resolve_version(name, parent, model["versions"], model["aliases"])
 
-    def _same_or_conflict(self, name: str, key: str, entry: dict[str, Any], oid: str, size: int) -> SaveResult:
+    def _same_or_conflict(
+        self, name: str, key: str, entry: dict[str, Any], oid: str, size: int
+    ) -> SaveResult:
         if entry["oid"] != oid:
             raise VersionExistsError(
                 f"{name}:{key} already exists with different weights (object {entry['oid'][:12]}); "
@@ -400,7 +450,9 @@ class Store:
 
     # ------------------------------------------------------------------ resolving
 
-    def _lookup(self, name: str, version: str, doc: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    def _lookup(
+        self, name: str, version: str, doc: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
         name = check_name(name)
         doc = doc if doc is not None else self.manifest.read()
         model = doc["models"].get(name)
@@ -442,7 +494,11 @@ class Store:
             for key in ordered:
                 result.append(
                     VersionInfo.from_entry(
-                        model_name, key, model["versions"][key], tuple(sorted(by_version.get(key, ()))), key == latest
+                        model_name,
+                        key,
+                        model["versions"][key],
+                        tuple(sorted(by_version.get(key, ()))),
+                        key == latest,
                     )
                 )
         return result
@@ -467,13 +523,17 @@ class Store:
         key, entry = self._lookup(name, version)
         if entry["tier"] == "archive":
             recipe = self.archive_tier.read_recipe(entry["oid"])
-            return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-                    for t in parse_header(recipe.header, recipe.size).tensors]
+            return [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                for t in parse_header(recipe.header, recipe.size).tensors
+            ]
         try:
             header = validate_file(self.objects.path(entry["oid"]))
         except FileNotFoundError:
             raise self._integrity(
-                f"object {entry['oid']} of {name}:{key} is missing; run `hydra-cas fsck`", f"{name}:{key}", entry["oid"]
+                f"object {entry['oid']} of {name}:{key} is missing; run `hydra-cas fsck`",
+                f"{name}:{key}",
+                entry["oid"],
             ) from None
         return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in header.tensors]
 
@@ -493,13 +553,15 @@ class Store:
             oids = {e["oid"]: e["size"] for e in versions.values()}
             logical = sum(e["size"] for e in versions.values())
             stored = sum(oids.values())
-            per_model.append({
-                "name": name,
-                "versions": len(versions),
-                "logical_bytes": logical,
-                "stored_bytes": stored,
-                "dedup_saved_bytes": logical - stored,
-            })
+            per_model.append(
+                {
+                    "name": name,
+                    "versions": len(versions),
+                    "logical_bytes": logical,
+                    "stored_bytes": stored,
+                    "dedup_saved_bytes": logical - stored,
+                }
+            )
             all_oids.update(oids)
             logical_total += logical
         on_disk = 0
@@ -513,12 +575,22 @@ class Store:
             if oid not in all_oids:
                 orphans += size
         stored_total = sum(all_oids.values())
-        hot_oids = {e["oid"] for m in doc["models"].values() for e in m["versions"].values() if e["tier"] == "hot"}
-        archived = {e["oid"]: e["size"] for m in doc["models"].values() for e in m["versions"].values()
-                    if e["tier"] == "archive"}
+        hot_oids = {
+            e["oid"] for m in doc["models"].values() for e in m["versions"].values() if e["tier"] == "hot"
+        }
+        archived = {
+            e["oid"]: e["size"]
+            for m in doc["models"].values()
+            for e in m["versions"].values()
+            if e["tier"] == "archive"
+        }
         archive = self.archive_tier.usage(set(archived))
-        archived_logical = sum(e["size"] for m in doc["models"].values() for e in m["versions"].values()
-                               if e["tier"] == "archive")
+        archived_logical = sum(
+            e["size"]
+            for m in doc["models"].values()
+            for e in m["versions"].values()
+            if e["tier"] == "archive"
+        )
         hot_stored = sum(all_oids[o] for o in hot_oids)
         return {
             "models": per_model,
@@ -530,12 +602,22 @@ class Store:
                 "unreferenced_bytes": orphans,
             },
             "tiers": {
-                "hot": {"versions": sum(1 for m in doc["models"].values() for e in m["versions"].values()
-                                        if e["tier"] == "hot"),
-                        "stored_bytes": hot_stored},
+                "hot": {
+                    "versions": sum(
+                        1
+                        for m in doc["models"].values()
+                        for e in m["versions"].values()
+                        if e["tier"] == "hot"
+                    ),
+                    "stored_bytes": hot_stored,
+                },
                 "archive": {
-                    "versions": sum(1 for m in doc["models"].values() for e in m["versions"].values()
-                                    if e["tier"] == "archive"),
+                    "versions": sum(
+                        1
+                        for m in doc["models"].values()
+                        for e in m["versions"].values()
+                        if e["tier"] == "archive"
+                    ),
                     "logical_bytes": archived_logical,
                     **archive,
                     "tensor_dedup_saved_bytes": sum(archived.values()) - archive["unique_tensor_bytes"],
@@ -581,7 +663,8 @@ class Store:
                 return self._load_archived(ref, now_entry, verify)
             raise self._integrity(
                 f"object {oid} of {ref} is missing from {self.layout.objects}; run `hydra-cas fsck`",
-                ref, oid,
+                ref,
+                oid,
             ) from None
         except IntegrityError as exc:
             # The size check fires before any hashing: report it as the checksum
@@ -589,7 +672,10 @@ class Store:
             expected = entry["blake3"] if verify == "fast" else oid
             raise self._integrity(
                 f"checksum mismatch for {ref}: {exc} (run `hydra-cas fsck --repair`)",
-                ref, oid, expected, f"{exc.actual} bytes",
+                ref,
+                oid,
+                expected,
+                f"{exc.actual} bytes",
             ) from None
         try:
             self._check_digest(ref, entry, verify, digest)
@@ -607,7 +693,9 @@ class Store:
         try:
             recipe = self.archive_tier.read_recipe(oid)
             if recipe.size != size:
-                raise IntegrityError(f"archive recipe {oid} rebuilds {recipe.size} bytes, the manifest records {size}")
+                raise IntegrityError(
+                    f"archive recipe {oid} rebuilds {recipe.size} bytes, the manifest records {size}"
+                )
             buf = np.empty(size, dtype=np.uint8)
             hasher = _new_hasher(verify)
             pos = 0
@@ -645,7 +733,10 @@ class Store:
             raise self._integrity(
                 f"checksum mismatch for {ref}: object {entry['oid']} has {algo} {digest}, "
                 f"expected {expected}; the stored file is corrupt (run `hydra-cas fsck --repair`)",
-                ref, entry["oid"], expected, digest,
+                ref,
+                entry["oid"],
+                expected,
+                digest,
             )
 
     def load_many(
@@ -777,9 +868,17 @@ class Store:
                 logger.warning("archive data of %s vanished before commit; archiving again", ref)
                 continue
             self._drop_hot_copy(oid)
-            logger.info("archived %s: %d tensors, %d reused, %d deltas", ref, stats.tensors, stats.reused, stats.deltas)
+            logger.info(
+                "archived %s: %d tensors, %d reused, %d deltas",
+                ref,
+                stats.tensors,
+                stats.reused,
+                stats.deltas,
+            )
             return ArchiveResult(ref, oid, entry["size"], stats=stats)
-        raise StorageError(f"could not archive {name}:{version}: a concurrent gc kept removing its data; retry")
+        raise StorageError(
+            f"could not archive {name}:{version}: a concurrent gc kept removing its data; retry"
+        )
 
     def _write_archive(
         self, ref: str, doc: dict[str, Any], name: str, key: str, entry: dict[str, Any]
@@ -790,11 +889,17 @@ class Store:
         except FileNotFoundError:
             # Deleted (and collected) since we looked it up? Then it is simply gone.
             self._lookup(name, key)
-            raise self._integrity(f"object {oid} of {ref} is missing; run `hydra-cas fsck`", ref, oid) from None
+            raise self._integrity(
+                f"object {oid} of {ref} is missing; run `hydra-cas fsck`", ref, oid
+            ) from None
         if digest != oid:
             raise self._integrity(
                 f"checksum mismatch for {ref}: object {oid} hashes to {digest}; not archiving corrupt bytes "
-                "(run `hydra-cas fsck --repair`)", ref, oid, oid, digest,
+                "(run `hydra-cas fsck --repair`)",
+                ref,
+                oid,
+                oid,
+                digest,
             )
         header = parse_header(buf.data, size)
         parent = load_parent_recipe(self.archive_tier, _parent_entry(doc["models"][name], key, entry))
@@ -814,7 +919,11 @@ class Store:
         if total != size or sha.hexdigest() != oid:
             raise self._integrity(
                 f"archived form of {ref} rebuilds to other bytes (sha256 {sha.hexdigest()}, {total} bytes); "
-                "the hot copy is kept", ref, oid, oid, sha.hexdigest(),
+                "the hot copy is kept",
+                ref,
+                oid,
+                oid,
+                sha.hexdigest(),
             )
 
     def _set_tier(self, name: str, key: str, oid: str, old: str, new: str) -> None:
@@ -855,13 +964,19 @@ class Store:
                 return ArchiveResult(ref, oid, entry["size"], already=True)
             try:
                 recipe = self.archive_tier.read_recipe(oid)
-                written = self.objects.write_temp(self.archive_tier.iter_payload(recipe, verify_tensors=False))
+                written = self.objects.write_temp(
+                    self.archive_tier.iter_payload(recipe, verify_tensors=False)
+                )
             except IntegrityError as exc:
                 raise self._integrity(f"{ref}: {exc}", ref, oid) from None
             if written.oid != oid or written.size != entry["size"]:
                 fsio.discard(written.tmp or "")
                 raise self._integrity(
-                    f"archived form of {ref} rebuilds to sha256 {written.oid}, expected {oid}", ref, oid, oid, written.oid
+                    f"archived form of {ref} rebuilds to sha256 {written.oid}, expected {oid}",
+                    ref,
+                    oid,
+                    oid,
+                    written.oid,
                 )
             intent = self._add_intent(oid, written.tmp)
             try:
@@ -909,7 +1024,7 @@ class Store:
             ordered = sorted(model["versions"], key=Version)
             # max(0, ...): with fewer versions than keep_latest a negative start
             # would slice from the end and keep too few.
-            keep = set(ordered[max(0, len(ordered) - keep_latest):]) if keep_latest else set()
+            keep = set(ordered[max(0, len(ordered) - keep_latest) :]) if keep_latest else set()
             aliased = set(model["aliases"].values())
             for key in ordered:
                 entry = model["versions"][key]
@@ -970,7 +1085,9 @@ class Store:
             raise HydraError(f"{target} already exists; choose another path or pass overwrite=True")
         if entry["tier"] == "archive":
             recipe = self.archive_tier.read_recipe(entry["oid"])
-            chunks: Iterable[bytes | bytearray | memoryview] = self.archive_tier.iter_payload(recipe, verify_tensors=False)
+            chunks: Iterable[bytes | bytearray | memoryview] = self.archive_tier.iter_payload(
+                recipe, verify_tensors=False
+            )
         else:
             source = self.objects.path(entry["oid"])
             if not source.exists():
@@ -990,7 +1107,10 @@ class Store:
                 raise self._integrity(
                     f"checksum mismatch exporting {ref}: object {entry['oid']} hashes to {oid}; "
                     "the stored file is corrupt (run `hydra-cas fsck --repair`)",
-                    ref, entry["oid"], entry["oid"], oid,
+                    ref,
+                    entry["oid"],
+                    entry["oid"],
+                    oid,
                 )
             os.chmod(tmp, 0o644)
             fsio.replace(tmp, str(target))
@@ -1038,7 +1158,9 @@ def _arrays_from(buffer: Any, size: int, *, writable: bool) -> dict[str, np.ndar
         from hydra_cas.errors import InvalidSafetensorsError
 
         raise InvalidSafetensorsError("an empty object is not a safetensors payload")
-    header: Header = parse_header(memoryview(buffer) if not isinstance(buffer, np.ndarray) else buffer.data, size)
+    header: Header = parse_header(
+        memoryview(buffer) if not isinstance(buffer, np.ndarray) else buffer.data, size
+    )
     result: dict[str, np.ndarray] = {}
     for tensor in header.tensors:
         dtype = numpy_dtype_for(tensor.dtype)

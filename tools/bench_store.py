@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import shutil
 import statistics
@@ -45,9 +46,7 @@ def _fsck_vs_sha256(tmp: Path, quick: bool) -> dict[str, Any]:
     count, size = (8, 16 << 20) if quick else (16, 64 << 20)
     store = Store(tmp / "fsck", durable=False)
     rng = np.random.default_rng(1)
-    store.save_many(
-        (f"m{i}", "1.0", {"w": rng.integers(0, 255, size, dtype=np.uint8)}) for i in range(count)
-    )
+    store.save_many((f"m{i}", "1.0", {"w": rng.integers(0, 255, size, dtype=np.uint8)}) for i in range(count))
     paths = [p for _, p in store.layout.iter_objects()]
     total = sum(p.stat().st_size for p in paths)
 
@@ -161,8 +160,13 @@ def _minilm(quick: bool) -> tuple[str, dict[str, np.ndarray]]:
         rng = np.random.default_rng(7)
         shapes = {"embeddings": (30522 // (4 if quick else 1), 384)}
         for layer in range(6):
-            for part, shape in (("q", (384, 384)), ("k", (384, 384)), ("ffn_in", (1536, 384)),
-                                ("ffn_out", (384, 1536)), ("norm", (384,))):
+            for part, shape in (
+                ("q", (384, 384)),
+                ("k", (384, 384)),
+                ("ffn_in", (1536, 384)),
+                ("ffn_out", (384, 1536)),
+                ("norm", (384,)),
+            ):
                 shapes[f"layer{layer}.{part}"] = shape
         return "synthetic", {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in shapes.items()}
 
@@ -194,8 +198,10 @@ def _archive_series(tmp: Path, label: str, versions: list[dict[str, np.ndarray]]
     together = _archived_bytes(store)
     for i, tensors in enumerate(versions):
         loaded = store.load("series", f"1.0.{i}", verify="full")
-        assert all(np.array_equal(loaded[k].view(np.uint8), np.ascontiguousarray(v).view(np.uint8))
-                   for k, v in tensors.items()), "archived version does not round-trip"
+        assert all(
+            np.array_equal(loaded[k].view(np.uint8), np.ascontiguousarray(v).view(np.uint8))
+            for k, v in tensors.items()
+        ), "archived version does not round-trip"
     alone = 0
     for i, tensors in enumerate(versions):
         single = Store(tmp / f"{label}-alone-{i}", durable=False)
@@ -218,7 +224,7 @@ def _train_checkpoints(count: int, every: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(3)
     sizes = [64, 256, 256, 10]
     params = {}
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         params[f"fc{i}.weight"] = (rng.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32)
         params[f"fc{i}.bias"] = np.zeros(b, dtype=np.float32)
     moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in params.items()}
@@ -300,20 +306,26 @@ def bench_archive(quick: bool) -> dict[str, Any]:
         base = {k: v for k, v in weights.items()}
         # "Only the last two layers change": MiniLM's encoder layers 4 and 5 (a fine-tune
         # with the embeddings and the first four layers frozen).
-        tail = [k for k in names if k.startswith(("encoder.layer.4.", "encoder.layer.5.", "layer4.", "layer5."))]
+        tail = [
+            k for k in names if k.startswith(("encoder.layer.4.", "encoder.layer.5.", "layer4.", "layer5."))
+        ]
         tail = tail or names[-2:]
         frozen, drift = [], []
         cur = dict(base)
         for _ in range(10):
             cur = dict(cur)
             for k in tail:
-                cur[k] = (cur[k] + rng.standard_normal(cur[k].shape).astype(np.float32) * 0.01 * cur[k].std())
+                cur[k] = cur[k] + rng.standard_normal(cur[k].shape).astype(np.float32) * 0.01 * cur[k].std()
                 cur[k] = cur[k].astype(np.float32)
             frozen.append(cur)
         cur = dict(base)
         for _ in range(10):
-            cur = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(1e-3 * v.std())).astype(
-                np.float32) for k, v in cur.items()}
+            cur = {
+                k: (v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(1e-3 * v.std())).astype(
+                    np.float32
+                )
+                for k, v in cur.items()
+            }
             drift.append(cur)
         if quick:
             drift = [{k: v for k, v in t.items() if k in names[:20]} for t in drift]
@@ -327,8 +339,11 @@ def bench_archive(quick: bool) -> dict[str, Any]:
         result["versions_train_ratio"] = t["ratio"]
         result["versions_train_each_alone_ratio"] = t["each_alone_ratio"]
         result["versions_train_never_worse"] = t["never_worse_than_alone"]
-        result["targets"] = {"versions_frozen_ratio": 0.2, "versions_drift_ratio": 0.65,
-                             "archive_ratio_*": "below zipnn_ratio_*"}
+        result["targets"] = {
+            "versions_frozen_ratio": 0.2,
+            "versions_drift_ratio": 0.65,
+            "archive_ratio_*": "below zipnn_ratio_*",
+        }
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
