@@ -135,7 +135,7 @@ def validate_entry(entry: object, where: str) -> dict[str, Any]:
         if not _is_count(entry[field]):
             raise ManifestError(f"{where}: {field!r} must be a non-negative integer")
     dtypes = entry["dtypes"]
-    if not isinstance(dtypes, list) or any(d not in ITEMSIZE for d in dtypes):
+    if not isinstance(dtypes, list) or any(not isinstance(d, str) or d not in ITEMSIZE for d in dtypes):
         raise ManifestError(f"{where}: 'dtypes' must be a list of safetensors dtype names")
     _check_created(entry["created"], where)
     if not isinstance(entry["metadata"], dict):
@@ -168,7 +168,7 @@ def _validate_model(name: object, model: object) -> None:
             check_alias(alias)
         except Exception as exc:
             raise ManifestError(f"manifest: model {name!r}: {exc}") from None
-        if target not in versions:
+        if not isinstance(target, str) or target not in versions:
             raise ManifestError(
                 f"manifest: alias {name}@{alias} points at {str(target)[:40]!r}, "
                 "which is not a version of the model"
@@ -180,7 +180,7 @@ def validate_manifest(doc: object) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ManifestError("manifest.json must hold a JSON object")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ManifestError(
             f"manifest.json has format_version {str(version)[:20]!r}; this hydra_cas reads "
             f"format {FORMAT_VERSION}: upgrade hydra_cas, or check the file was not replaced"
@@ -320,30 +320,41 @@ class Journal:
         return records, torn
 
     def _tail(self, fd: int, size: int) -> tuple[int, int]:
-        """(last complete seq, offset just past the last newline) of an open journal."""
+        """(last complete seq, offset just past the last newline) of an open journal.
+
+        Reads backwards chunk by chunk, searching only each new chunk for
+        newlines, so a huge last line costs one pass, not one per chunk.
+        """
+        chunks: list[bytes] = []  # newest last; together they cover [end, size)
         end = size
-        buf = b""
+        last_nl = -1  # absolute offset of the last newline
         while end > 0:
             start = max(0, end - self._CHUNK)
             try:
-                buf = os.pread(fd, end - start, start) + buf
+                chunk = os.pread(fd, end - start, start)
             except OSError as exc:
                 raise fsio._fail("reading the journal", self.path, exc) from exc
+            chunks.insert(0, chunk)
             end = start
-            last_nl = buf.rfind(b"\n")
             if last_nl < 0:
+                pos = chunk.rfind(b"\n")
+                if pos < 0:
+                    continue
+                last_nl = start + pos
+                prev = chunk.rfind(b"\n", 0, pos)
+            else:
+                prev = chunk.rfind(b"\n")
+            if prev < 0 and start > 0:
                 continue
-            prev_nl = buf.rfind(b"\n", 0, last_nl)
-            if prev_nl < 0 and end > 0:
-                continue
-            line = buf[prev_nl + 1 : last_nl]
+            line_start = start + prev + 1 if prev >= 0 else 0
+            line = b"".join(chunks)[line_start - start : last_nl - start]
             try:
                 seq = json.loads(line)["seq"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise ManifestError("the journal's last line is corrupt; run `hydra-cas fsck`") from None
             if not _is_count(seq):
                 raise ManifestError("the journal's last record has no valid seq; run `hydra-cas fsck`")
-            return seq, end + last_nl + 1
+            return seq, last_nl + 1
         return 0, 0
 
     def last_seq(self) -> int:
@@ -609,9 +620,15 @@ def metadata_json(metadata: object) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise InvalidMetadataError("metadata is nested too deeply or contains a cycle") from None
-    if len(text.encode()) > MAX_METADATA_BYTES:
+    try:
+        encoded = text.encode()
+    except UnicodeEncodeError:
         raise InvalidMetadataError(
-            f"metadata is {len(text.encode())} bytes serialised; the limit is {MAX_METADATA_BYTES} "
+            "metadata contains a lone surrogate character, which is not valid UTF-8"
+        ) from None
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise InvalidMetadataError(
+            f"metadata is {len(encoded)} bytes serialised; the limit is {MAX_METADATA_BYTES} "
             "(keep large artefacts in the model or a file, and a reference in metadata)"
         )
     if not _keys_are_str(metadata):
@@ -620,8 +637,14 @@ def metadata_json(metadata: object) -> dict[str, Any]:
 
 
 def _keys_are_str(value: object) -> bool:
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _keys_are_str(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_keys_are_str(v) for v in value)
+    # An explicit stack: json.dumps accepts nesting deeper than Python recursion allows here.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return False
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
     return True

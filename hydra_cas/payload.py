@@ -70,6 +70,17 @@ def _from_torch(name: str, tensor: Any) -> TensorSource:
     return TensorSource(name, dtype, shape, raw)
 
 
+def _pairs(tensors: Any) -> list[tuple[Any, Any]]:
+    """``tensors.items()`` as (name, value) pairs, refusing look-alikes that break the contract."""
+    try:
+        pairs = [(name, value) for name, value in tensors.items()]
+    except (TypeError, ValueError) as exc:
+        raise InvalidTensorError(
+            f"tensors must be a dict of name -> array; its items() did not give (name, value) pairs ({exc})"
+        ) from None
+    return pairs
+
+
 def prepare(tensors: object) -> list[TensorSource]:
     """Validate ``tensors`` and order them as the payload lays them out.
 
@@ -79,7 +90,8 @@ def prepare(tensors: object) -> list[TensorSource]:
     if not hasattr(tensors, "items"):
         raise InvalidTensorError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
     sources: list[TensorSource] = []
-    for name, value in tensors.items():  # type: ignore[union-attr]
+    seen: set[str] = set()
+    for name, value in _pairs(tensors):
         if not isinstance(name, str):
             raise InvalidTensorError(f"tensor names must be str, got {type(name).__name__} {_shown(name)}")
         if not name or len(name) > MAX_TENSOR_NAME or "\x00" in name or name == "__metadata__":
@@ -87,6 +99,15 @@ def prepare(tensors: object) -> list[TensorSource]:
                 f"invalid tensor name {_shown(name)}: use 1 to {MAX_TENSOR_NAME} characters, "
                 "no NUL, and not '__metadata__'"
             )
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidTensorError(f"tensor name {_shown(name)} is not valid UTF-8 (a lone surrogate)") from None
+        if name in seen:
+            # A dict cannot repeat a key, but a Mapping look-alike can; two tensors of one
+            # name would make a payload that no reader accepts.
+            raise InvalidTensorError(f"tensor name {_shown(name)} appears twice")
+        seen.add(name)
         module = type(value).__module__
         if module.startswith("torch") and hasattr(value, "detach"):
             sources.append(_from_torch(name, value))

@@ -40,6 +40,11 @@ _ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _SPECIFIER_CHARS = frozenset("<>=!~,")
 
 
+def shown(value: str, limit: int = 60) -> str:
+    """``repr`` of a caller's string, cut to ``limit``: safe to put in a message or a log."""
+    return _shown(value, limit)
+
+
 def _shown(value: str, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -76,9 +81,11 @@ def check_alias(alias: object) -> str:
 
 
 def _parse_version(text: str) -> Version | None:
+    if len(text) > MAX_VERSION_LEN:
+        return None
     try:
         return Version(text)
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):  # ValueError: Python's limit on digits in an int
         return None
 
 
@@ -135,18 +142,23 @@ def resolve_version(name: str, requested: str, versions: Iterable[str], aliases:
         return found
     if requested in aliases:
         return aliases[requested]
-    if any(ch in _SPECIFIER_CHARS for ch in requested):
-        return _resolve_specifier(name, requested, existing)
+    if len(requested) > 200 and any(ch in _SPECIFIER_CHARS for ch in requested):
+        raise InvalidVersionError(f"version specifier {_shown(requested)} is longer than 200 characters")
+    if len(requested) > 200:  # longer than any version or alias we accept
+        raise NotFoundError(f"{name}:{_shown(requested)} not found: no version, alias or range is that long")
+    # An exact version first: "1!2.0" has an epoch, not a specifier's "!=".
     parsed = _parse_version(requested)
+    if parsed is None and any(ch in _SPECIFIER_CHARS for ch in requested):
+        return _resolve_specifier(name, requested, existing)
     if parsed is None:
         raise NotFoundError(
-            f"{name}:{requested} not found: {requested!r} is neither a version, a specifier "
+            f"{name}:{_shown(requested)} not found: it is neither a version, a specifier "
             f"nor an alias of {name!r} (aliases: {', '.join(sorted(aliases)) or 'none'})"
         )
     for version in existing:
         if Version(version) == parsed:
             return version
-    raise NotFoundError(f"{name}:{requested} not found; available versions: {_listing(existing)}")
+    raise NotFoundError(f"{name}:{_shown(requested)} not found; available versions: {_listing(existing)}")
 
 
 def _resolve_specifier(name: str, requested: str, existing: list[str]) -> str:

@@ -37,7 +37,7 @@ from hydra_cas.manifest import ManifestStore, metadata_json, utc_now
 from hydra_cas.objects import VERIFY_MODES, ObjectStore, Written, digest_stream
 from hydra_cas.payload import build_header, iter_data, prepare, tensor_summary
 from hydra_cas.records import ArchiveResult, LoadResult, SaveResult, VersionInfo
-from hydra_cas.refs import canonical_version, check_alias, check_name, latest_of, resolve_version
+from hydra_cas.refs import canonical_version, check_alias, check_name, latest_of, resolve_version, shown
 from hydra_cas.stheader import parse_header
 
 if TYPE_CHECKING:
@@ -76,7 +76,10 @@ _ITEM_FIELDS = ("name", "version", "tensors", "metadata", "parent")
 
 
 def _item_tuple(item: Any) -> tuple[Any, ...]:
-    fields = tuple(item)
+    try:
+        fields = tuple(item)
+    except TypeError:
+        fields = ()
     if not 3 <= len(fields) <= len(_ITEM_FIELDS):
         raise InvalidArgumentError(
             "save_many items are (name, version, tensors[, metadata[, parent]]) or dicts with those keys"
@@ -238,6 +241,12 @@ class Store:
         earlier item of the same batch.
         """
         pending: list[_Pending] = []
+        try:
+            items = list(items)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"save_many takes an iterable of items, got {type(items).__name__}"
+            ) from None
         for item in items:
             fields = (
                 dict(item)
@@ -758,7 +767,13 @@ class Store:
                 if not name:
                     name, version = request, "latest"
             else:
-                name, version = request
+                try:
+                    name, version = request
+                except (TypeError, ValueError):
+                    raise InvalidArgumentError(
+                        f"load_many requests are 'name:version' strings or (name, version) pairs, "
+                        f"got {type(request).__name__}"
+                    ) from None
             keyed[f"{name}:{version}"] = (name, version)
         if not keyed:
             return {}
@@ -831,7 +846,7 @@ class Store:
         def plan(doc: dict[str, Any]) -> list[dict[str, Any]]:
             model = doc["models"].get(name)
             if model is None or alias not in model["aliases"]:
-                raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+                raise NotFoundError(f"model {name!r} has no alias {shown(alias)}")
             return [{"op": "unalias", "name": name, "alias": alias}]
 
         self.manifest.commit(plan)
@@ -955,6 +970,16 @@ class Store:
                         return
             fsio.unlink(self.objects.path(oid))
 
+    def _checked_recipe(self, entry: dict[str, Any]) -> Any:
+        """An archived entry's recipe, refused when it would rebuild another size."""
+        recipe = self.archive_tier.read_recipe(entry["oid"])
+        if recipe.size != entry["size"]:
+            raise IntegrityError(
+                f"archive recipe {entry['oid']} rebuilds {recipe.size} bytes, the manifest records "
+                f"{entry['size']}", oid=entry["oid"],
+            )
+        return recipe
+
     def restore(self, name: str, version: str) -> ArchiveResult:
         """Bring an archived version back to the hot tier as its exact object file."""
         for _ in range(_COMMIT_ATTEMPTS):
@@ -963,7 +988,7 @@ class Store:
             if entry["tier"] == "hot":
                 return ArchiveResult(ref, oid, entry["size"], already=True)
             try:
-                recipe = self.archive_tier.read_recipe(oid)
+                recipe = self._checked_recipe(entry)
                 written = self.objects.write_temp(
                     self.archive_tier.iter_payload(recipe, verify_tensors=False)
                 )
@@ -1084,15 +1109,26 @@ class Store:
         if target.exists() and not overwrite:
             raise HydraError(f"{target} already exists; choose another path or pass overwrite=True")
         if entry["tier"] == "archive":
-            recipe = self.archive_tier.read_recipe(entry["oid"])
+            try:
+                recipe = self._checked_recipe(entry)
+            except IntegrityError as exc:
+                raise self._integrity(f"{ref}: {exc}", ref, entry["oid"]) from None
             chunks: Iterable[bytes | bytearray | memoryview] = self.archive_tier.iter_payload(
                 recipe, verify_tensors=False
             )
         else:
             source = self.objects.path(entry["oid"])
-            if not source.exists():
+            try:
+                actual = source.stat().st_size
+            except FileNotFoundError:
                 raise self._integrity(
                     f"object {entry['oid']} of {ref} is missing; run `hydra-cas fsck`", ref, entry["oid"]
+                ) from None
+            if actual != entry["size"]:
+                raise self._integrity(
+                    f"checksum mismatch for {ref}: object {entry['oid']} has {actual} bytes, the manifest "
+                    f"records {entry['size']} (run `hydra-cas fsck --repair`)",
+                    ref, entry["oid"], entry["oid"], f"{actual} bytes",
                 )
             chunks = _read_chunks(source, entry["size"], progress=progress, desc=f"export {ref}")
         fd, tmp = fsio.create_temp(target.parent, ".hydra-export")
