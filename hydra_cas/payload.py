@@ -102,7 +102,9 @@ def prepare(tensors: object) -> list[TensorSource]:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidTensorError(f"tensor name {_shown(name)} is not valid UTF-8 (a lone surrogate)") from None
+            raise InvalidTensorError(
+                f"tensor name {_shown(name)} is not valid UTF-8 (a lone surrogate)"
+            ) from None
         if name in seen:
             # A dict cannot repeat a key, but a Mapping look-alike can; two tensors of one
             # name would make a payload that no reader accepts.
