@@ -111,13 +111,13 @@ def _check_version_key(version: object, where: str) -> str:
     return version
 
 
-def _check_created(value: object, where: str) -> None:
+def _check_created(value: object, where: str, field: str = "created") -> None:
     if not isinstance(value, str) or not value.endswith("Z"):
-        raise ManifestError(f"{where}: 'created' must be an ISO 8601 UTC time ending in 'Z'")
+        raise ManifestError(f"{where}: {field!r} must be an ISO 8601 UTC time ending in 'Z'")
     try:
         datetime.fromisoformat(value[:-1])
     except ValueError:
-        raise ManifestError(f"{where}: 'created' {value[:40]!r} is not ISO 8601") from None
+        raise ManifestError(f"{where}: {field!r} {value[:40]!r} is not ISO 8601") from None
 
 
 def validate_entry(entry: object, where: str) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def _validate_model(name: object, model: object) -> None:
     if not isinstance(versions, dict) or not isinstance(aliases, dict):
         raise ManifestError(f"manifest: model {name!r}: versions and aliases must be objects")
     for version, entry in versions.items():
-        where = f"manifest: {name}:{version}"
+        where = f"manifest: {name}:{str(version)[:64]}"
         _check_version_key(version, where)
         validate_entry(entry, where)
     for alias, target in aliases.items():
@@ -209,7 +209,7 @@ def validate_record(record: object, where: str) -> dict[str, Any]:
         raise ManifestError(f"{where}: {op} record must have exactly the fields {sorted(fields)}")
     if not _is_count(record["seq"]) or record["seq"] == 0:
         raise ManifestError(f"{where}: 'seq' must be a positive integer")
-    _check_created(record["time"], where)
+    _check_created(record["time"], where, "time")
     try:
         check_name(record["name"])
         if "alias" in record:
@@ -636,15 +636,26 @@ def metadata_json(metadata: object) -> dict[str, Any]:
     return json.loads(text)
 
 
+MAX_METADATA_DEPTH = 64
+
+
 def _keys_are_str(value: object) -> bool:
-    # An explicit stack: json.dumps accepts nesting deeper than Python recursion allows here.
-    stack = [value]
+    """True if every dict key is a str; refuses nesting deeper than MAX_METADATA_DEPTH.
+
+    An explicit stack: json.dumps accepts nesting deeper than Python recursion
+    (here, or in a reader's json.loads) comfortably allows.
+    """
+    stack = [(value, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidMetadataError(
+                f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it"
+            )
         if isinstance(item, dict):
             if not all(isinstance(k, str) for k in item):
                 return False
-            stack.extend(item.values())
+            stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, (list, tuple)):
-            stack.extend(item)
+            stack.extend((v, depth + 1) for v in item)
     return True

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from hydra_cas.errors import (
     IntegrityError,
     InvalidArgumentError,
     InvalidNameError,
+    InvalidSafetensorsError,
     InvalidVersionError,
     NotFoundError,
     RefInUseError,
@@ -215,6 +217,9 @@ class Store:
         if source.suffix == ".npz":
             return self.save(name, key, _read_npz(source), meta, parent)
         try:
+            if not stat.S_ISREG(os.stat(source).st_mode):
+                # A FIFO or device would block or never end: only regular files are payloads.
+                raise InvalidSafetensorsError(f"{source} is not a regular file; give a .safetensors file")
             info = validate_file(source)
         except OSError as exc:
             raise StorageError(
