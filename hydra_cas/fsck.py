@@ -667,7 +667,7 @@ def _check_presence(
     for oid, refs in by_oid.items():
         obj = objects.get(oid)
         if obj is None:
-            # NOTE: the archived form of a version (tier "archive") is not checked yet.
+            # Archived versions have no object by design; the archive pass checks them.
             hot = [r for r in refs if r.entry["tier"] == "hot"]
             if hot:
                 _report_missing(p, store, oid, hot)
