@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from hydra_cas import codec, fsio
 from hydra_cas.dtypes import ITEMSIZE
 from hydra_cas.errors import IntegrityError, ManifestError
-from hydra_cas.layout import check_oid, is_oid
+from hydra_cas.layout import check_oid, is_oid, iter_fanout
 from hydra_cas.stheader import parse_header
 
 if TYPE_CHECKING:
@@ -219,19 +219,7 @@ class Archive:
 
     def iter_files(self, which: str) -> Iterator[tuple[str, Path]]:
         """(id, path) of every tensor blob (``"tensors"``) or recipe (``"recipes"``)."""
-        top = self.tensors_dir if which == "tensors" else self.recipes_dir
-        try:
-            fans = list(os.scandir(top))
-        except FileNotFoundError:
-            return
-        for fan in fans:
-            if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
-                continue
-            with os.scandir(fan.path) as entries:
-                for entry in entries:
-                    ident = fan.name + entry.name
-                    if is_oid(ident) and entry.is_file(follow_symlinks=False):
-                        yield ident, Path(entry.path)
+        return iter_fanout(self.tensors_dir if which == "tensors" else self.recipes_dir)
 
     # -- writing
 

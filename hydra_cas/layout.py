@@ -11,10 +11,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra_cas.errors import ManifestError
 
-__all__ = ["Layout", "check_oid", "is_oid"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["Layout", "check_oid", "is_oid", "iter_fanout"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -80,18 +84,22 @@ class Layout:
         oid = p.parent.name + p.name
         return oid if is_oid(oid) and len(p.parent.name) == 2 else None
 
-    def iter_objects(self):
+    def iter_objects(self) -> Iterator[tuple[str, Path]]:
         """Yield (oid, path) for every object file, in no particular order."""
-        try:
-            fanouts = os.scandir(self.objects)
-        except FileNotFoundError:
-            return
-        with fanouts:
-            for fan in fanouts:
-                if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
-                    continue
-                with os.scandir(fan.path) as entries:
-                    for entry in entries:
-                        oid = fan.name + entry.name
-                        if is_oid(oid) and entry.is_file(follow_symlinks=False):
-                            yield oid, Path(entry.path)
+        return iter_fanout(self.objects)
+
+
+def iter_fanout(top: Path) -> Iterator[tuple[str, Path]]:
+    """(digest, path) of every file under ``top/<2 hex>/<62 hex>``: objects, blobs, recipes."""
+    try:
+        fans = list(os.scandir(top))
+    except FileNotFoundError:
+        return
+    for fan in fans:
+        if len(fan.name) != 2 or not fan.is_dir(follow_symlinks=False):
+            continue
+        with os.scandir(fan.path) as entries:
+            for entry in entries:
+                ident = fan.name + entry.name
+                if is_oid(ident) and entry.is_file(follow_symlinks=False):
+                    yield ident, Path(entry.path)
