@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from hydra_cas import __version__
 from hydra_cas.errors import HydraError, InvalidMetadataError, InvalidVersionError
 from hydra_cas.refs import canonical_version, check_name, split_ref
-from hydra_cas.remote import add_commands as add_remote_commands
 from hydra_cas.store import DEFAULT_STORE, Store
 
 if TYPE_CHECKING:
@@ -396,6 +395,27 @@ def cmd_restore(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def _transfer(args: argparse.Namespace, store: Store, direction: str) -> int:
+    from hydra_cas.remote import pull, push
+
+    remote = Store(args.remote, create=direction == "push")
+    fn = push if direction == "push" else pull
+    result = fn(store, remote, args.refs, progress=_progress_wanted(args))
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(result.render())
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, store: Store) -> int:
+    return _transfer(args, store, "push")
+
+
+def cmd_pull(args: argparse.Namespace, store: Store) -> int:
+    return _transfer(args, store, "pull")
+
+
 def cmd_demo(args: argparse.Namespace, store_path: str) -> int:
     from hydra_cas.demo import run_demo
 
@@ -502,7 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("restore", "bring an archived version back to the hot tier", cmd_restore)
     p.add_argument("ref", metavar="NAME:VERSION")
 
-    add_remote_commands(add)  # push, pull
+    for direction, func, text in (
+        ("push", cmd_push, "copy versions and their aliases to another store (missing objects only)"),
+        ("pull", cmd_pull, "copy versions and their aliases from another store (missing objects only)"),
+    ):
+        p = add(direction, text, func, json_flag=True)
+        p.add_argument("remote", metavar="STORE", help="the other store: a directory or s3://bucket/prefix")
+        p.add_argument("refs", nargs="*", metavar="NAME[:VERSION]",
+                       help="what to copy: a model (all its versions) or one version (default: everything)")
+        if direction == "pull":
+            p.set_defaults(creates_store=True)
 
     add("demo", "run a guided demo on the store (default ./hydra_models)", cmd_demo)
     return parser

@@ -29,7 +29,6 @@ the first load pulls it (verified), later loads read the local copy.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,13 +42,13 @@ from hydra_cas.progress import progress_bar
 from hydra_cas.refs import check_name, resolve_version
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     import numpy as np
 
     from hydra_cas.store import Store
 
-__all__ = ["TransferResult", "add_commands", "load_cached", "pull", "push"]
+__all__ = ["TransferResult", "load_cached", "pull", "push"]
 
 logger = logging.getLogger(__name__)
 
@@ -407,44 +406,3 @@ def load_cached(
             "from the cache"
         )
     return cache.load(name, key, verify=verify, mmap=mmap)
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def _cmd(direction: str) -> Callable[[argparse.Namespace, Store], int]:
-    def run(args: argparse.Namespace, store: Store) -> int:
-        import json
-        import sys
-
-        from hydra_cas.store import Store as StoreClass
-
-        remote = StoreClass(args.remote, create=direction == "push")
-        fn = push if direction == "push" else pull
-        result = fn(store, remote, args.refs, progress=sys.stderr.isatty() and not args.json)
-        if args.json:
-            print(json.dumps(result.to_dict(), indent=2))
-        else:
-            print(result.render())
-        return 0
-
-    run.__name__ = f"cmd_{direction}"
-    return run
-
-
-cmd_push = _cmd("push")
-cmd_pull = _cmd("pull")
-
-
-def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``push`` and ``pull`` with the CLI's ``add(name, help, func, json_flag=...)``."""
-    for direction, func, text in (
-        ("push", cmd_push, "copy versions and their aliases to another store (missing objects only)"),
-        ("pull", cmd_pull, "copy versions and their aliases from another store (missing objects only)"),
-    ):
-        p = add(direction, text, func, json_flag=True)
-        p.add_argument("remote", metavar="STORE", help="the other store: a directory or s3://bucket/prefix")
-        p.add_argument("refs", nargs="*", metavar="NAME[:VERSION]",
-                       help="what to copy: a model (all its versions) or one version (default: everything)")
-        if direction == "pull":
-            p.set_defaults(creates_store=True)
