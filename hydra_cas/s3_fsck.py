@@ -62,6 +62,7 @@ from hydra_cas.fsck import (
     WARNING,
     Finding,
     FsckReport,
+    _Ref,
 )
 from hydra_cas.gc import DEFAULT_GRACE_PERIOD, human_bytes, human_duration
 from hydra_cas.manifest import FORMAT_VERSION, replay
@@ -94,17 +95,6 @@ logger = logging.getLogger(__name__)
 
 _SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
 _DEFAULT_WORKERS = 4  # objects hashed at once; each streams its ranges in parallel too
-
-
-@dataclass(frozen=True, slots=True)
-class _Ref:
-    name: str
-    version: str
-    entry: dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}:{self.version}"
 
 
 @dataclass(slots=True)
